@@ -1,0 +1,109 @@
+"""`aifab init`, `aifab validate` and `aifab demo`: write a spec, check a spec, run the whole line."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from aifab.cli.common import app, open_store, out
+from aifab.console import err
+from aifab.errors import AifabError, DataError
+from aifab.spec import EXAMPLE_YAML, FactorySpec, load_spec, resolve_source
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("factory.yaml"), help="Where to write the example spec."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented example factory.yaml with every default spelled out."""
+    if path.exists() and not force:
+        raise AifabError(f"{path} already exists; pass --force to overwrite it")
+    path.write_text(EXAMPLE_YAML, encoding="utf-8")
+    out.print(f"wrote {path}; edit it, check it with `aifab validate {path}`, run it with `aifab demo --config {path}`")
+
+
+@app.command()
+def validate(path: Path = typer.Argument(Path("factory.yaml"))) -> None:
+    """Check a factory.yaml without running anything."""
+    spec = load_spec(path)
+    out.print(f"{path}: ok (model {spec.name!r}, {len(spec.data.sources) or 'default'} data source(s))")
+
+
+@app.command()
+def demo(
+    config: Path | None = typer.Option(None, "--config", "-c", help="A factory.yaml (default: built-in defaults)."),
+    data: list[str] | None = typer.Option(None, "--data", help="Data path or glob; repeat for more."),
+    train_seconds: float | None = typer.Option(None, "--train-seconds", min=1, help="Training time budget."),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Skip starting the server and its test requests."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the report as JSON on the last line."),
+) -> None:
+    """Run the whole line on this machine: ingest, tokenize, train, evaluate, register, serve, report."""
+    from aifab.orchestrate.line import run_line
+
+    spec = load_spec(config) if config is not None else FactorySpec()
+    if data:
+        sources = []
+        for source in data:
+            try:
+                sources.append(resolve_source(source, Path.cwd()))
+            except ValueError as e:
+                raise DataError(str(e)) from None
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"sources": sources})})
+    if train_seconds is not None:
+        training = spec.training.model_copy(update={"seconds": train_seconds})
+        spec = spec.model_copy(update={"training": training})
+    store = open_store()
+    err.print(f"[bold]aifab demo[/bold]: store at {store.home}")
+    report = run_line(store, spec, serve_check=not no_serve)
+    print_report(report)
+    if as_json:
+        print(json.dumps(report, default=str))
+
+
+def print_report(r: dict[str, Any]) -> None:
+    d, m, t, e, s = r["data"], r["model"], r["train"], r["evaluate"], r["serving"]
+    table = Table(title="aifab demo report", show_header=True, header_style="bold")
+    table.add_column("stage")
+    table.add_column("result")
+    table.add_row(
+        "data",
+        f"{d['files']:,} files, {d['bytes'] / 1e6:,.1f} MB, {d['tokens']:,} tokens "
+        f"(train {d['train_tokens']:,} / val {d['val_tokens']:,}), vocab {d['vocab_size']:,}, "
+        f"{d['elapsed_s']:.1f} s",
+    )
+    table.add_row(
+        "model",
+        f"{m['ref']}: {m['params'] / 1e6:.2f}M parameters, {m['config']['n_layer']} layers, "
+        f"d_model {m['config']['d_model']}, context {m['config']['context_len']}",
+    )
+    table.add_row(
+        "training",
+        f"{t['steps']} steps, {t['tokens']:,} tokens in {t['elapsed_s']:.1f} s, "
+        f"{t['tokens_per_s']:,.0f} tokens/s (stopped by {t['stopped_by']})",
+    )
+    table.add_row(
+        "val loss",
+        f"{t['val_loss_initial']:.3f} -> {t['val_loss_final']:.3f} "
+        f"({100 * t['val_loss_reduction']:.0f}% lower); eval perplexity {e['perplexity']:.1f}",
+    )
+    for sample in e["samples"]:
+        table.add_row("sample", f"{sample['prompt']!r} -> {sample['completion'][:80]!r}")
+    for req in s.get("requests", []):
+        same = "stream matches" if req["stream_matches"] else "STREAM DIFFERS"
+        table.add_row(
+            "serving",
+            f"{req['prompt']!r}: {req['completion_tokens']} tokens in "
+            f"{req['latency_s'] * 1000:.0f} ms, {req['tokens_per_s']:.0f} tokens/s, {same}",
+        )
+    label = "estimated" if r["energy_estimated"] else "measured"
+    table.add_row(
+        "energy",
+        f"{r['energy_j'] / 1000:,.2f} kJ ({label}, {r['energy_sampler']}), "
+        f"${r['cost_usd']:.6f}, {r['co2_g']:.2f} g CO2",
+    )
+    table.add_row("total", f"{r['elapsed_s']:.1f} s; files under {r['home']}")
+    out.print(table)
+    out.print(f"serve it: [bold]{s['command']}[/bold]")

@@ -1,0 +1,1 @@
+"""The data line: read sources, train a tokenizer, write token shards, record a DatasetVersion."""

@@ -1,0 +1,104 @@
+"""Tokenizer training (byte-level BPE, Hugging Face `tokenizers`) and shard writing."""
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aifab.store.artifacts import ArtifactStore
+
+EOT = "<|endoftext|>"
+ENCODE_BATCH = 256  # documents per encode_batch call: enough to keep every core busy
+SHARD_TOKENS = 1 << 24  # 16M tokens, 32 MB of uint16, per shard
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Any:
+    """Train a byte-level BPE whose only special token is EOT (id 0). Any byte sequence is encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def is_val(source: str, val_fraction: float) -> bool:
+    """Deterministic split by document: the same source always lands in the same split."""
+    h = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+class ShardWriter:
+    """Appends token ids to temp files, cutting a new shard every `shard_tokens`; `close()` stores them."""
+
+    def __init__(self, store: ArtifactStore, dtype: str, shard_tokens: int = SHARD_TOKENS) -> None:
+        self.store, self.dtype, self.shard_tokens = store, np.dtype(dtype), shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file: Any = None
+        self._path = ""
+        self._count = 0
+
+    def write(self, ids: list[int]) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        while len(arr):
+            if self._file is None:
+                fd, self._path = tempfile.mkstemp(dir=self.store.tmp, prefix="shard-")
+                self._file = os.fdopen(fd, "wb")
+                self._count = 0
+            take = min(len(arr), self.shard_tokens - self._count)
+            self._file.write(arr[:take].tobytes())
+            self._count += take
+            arr = arr[take:]
+            if self._count >= self.shard_tokens:
+                self._seal()
+
+    def _seal(self) -> None:
+        self._file.close()
+        self._file = None
+        try:
+            digest = self.store.put_file(self._path)
+        finally:
+            Path(self._path).unlink(missing_ok=True)
+        self.shards.append({"digest": digest, "tokens": self._count})
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._file is not None and self._count:
+            self._seal()
+        elif self._file is not None:
+            self._file.close()
+            Path(self._path).unlink(missing_ok=True)
+        return self.shards
+
+
+def encode_documents(
+    tok: Any,
+    docs: list[tuple[str, str]],
+    val_fraction: float,
+    writers: dict[str, ShardWriter],
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> dict[str, int]:
+    """Encode (source, text) documents in parallel batches, each followed by EOT, into the split writers."""
+    eot = tok.token_to_id(EOT)
+    counts = {"train": 0, "val": 0}
+    for i in range(0, len(docs), ENCODE_BATCH):
+        batch = docs[i : i + ENCODE_BATCH]
+        encodings = tok.encode_batch([text for _, text in batch])
+        for (source, _), enc in zip(batch, encodings, strict=True):
+            split = "val" if is_val(source, val_fraction) else "train"
+            ids = [*enc.ids, eot]
+            writers[split].write(ids)
+            counts[split] += len(ids)
+        on_batch(len(batch))
+    return counts

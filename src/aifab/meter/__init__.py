@@ -1,0 +1,1 @@
+"""Metering: energy samplers, prices, and the ledger. meter/ imports only store/."""

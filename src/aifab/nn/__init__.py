@@ -1,0 +1,1 @@
+"""Models in plain PyTorch. nn/ imports torch and nothing else of aifab."""

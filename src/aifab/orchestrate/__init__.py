@@ -1,0 +1,1 @@
+"""Orchestration: runs the stages of the line. Stages meet only through store rows and artifacts."""

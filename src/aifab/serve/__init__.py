@@ -1,0 +1,1 @@
+"""Serving: load a registered model, generate tokens, and speak the OpenAI completions API over HTTP."""

@@ -1,0 +1,136 @@
+"""Tables of the metadata store. Changing one means adding an Alembic migration in migrations/versions/.
+
+Units live in column names. Times are UTC. JSON columns hold free-form parameters and summaries;
+anything a query filters or sums on gets its own column.
+"""
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class DatasetVersion(Base):
+    """One tokenized version of a named dataset: the manifest artifact points at its shards and tokenizer."""
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    manifest_digest: Mapped[str] = mapped_column(String(64))
+    tokenizer_digest: Mapped[str] = mapped_column(String(64))
+    files: Mapped[int]
+    bytes: Mapped[int]
+    documents: Mapped[int]
+    tokens: Mapped[int]
+    train_tokens: Mapped[int]
+    val_tokens: Mapped[int]
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Run(Base):
+    """One job: status, parameters, timings, and the checkpoint it produced."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # train | evaluate | ...
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | completed | failed
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    dataset_version_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
+    checkpoint_digest: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    elapsed_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class RunMetric(Base):
+    """The per-step metrics history of a run: one row per (step, metric)."""
+
+    __tablename__ = "run_metrics"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    elapsed_s: Mapped[float] = mapped_column(Float)
+
+
+class ModelVersion(Base):
+    """A registered model: safetensors weights, the model config, and the tokenizer that goes with it."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
+    weights_digest: Mapped[str] = mapped_column(String(64))
+    tokenizer_digest: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    params_count: Mapped[int]
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ModelAlias(Base):
+    """A movable pointer such as `demo@prod` to one version of a model."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+
+
+class LineageEdge(Base):
+    """`src` was an input to `dst`: dataset -> run -> model, and whatever later stages add."""
+
+    __tablename__ = "lineage_edges"
+    __table_args__ = (UniqueConstraint("src_kind", "src_id", "dst_kind", "dst_id", "relation"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    src_kind: Mapped[str] = mapped_column(String(16))
+    src_id: Mapped[str] = mapped_column(String(64))
+    dst_kind: Mapped[str] = mapped_column(String(16))
+    dst_id: Mapped[str] = mapped_column(String(64))
+    relation: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LedgerEntry(Base):
+    """Energy, cost and carbon charged to one subject (a dataset, run, model or request) for one stage."""
+
+    __tablename__ = "ledger"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stage: Mapped[str] = mapped_column(String(16), index=True)  # data | train | evaluate | serve | ...
+    subject_kind: Mapped[str] = mapped_column(String(16))
+    subject_id: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(64))
+    sampler: Mapped[str] = mapped_column(String(32))
+    estimated: Mapped[bool] = mapped_column(Boolean)
+    elapsed_s: Mapped[float] = mapped_column(Float)
+    device_s: Mapped[float] = mapped_column(Float)
+    energy_j: Mapped[float] = mapped_column(Float)
+    cost_usd: Mapped[float] = mapped_column(Float)
+    co2_g: Mapped[float] = mapped_column(Float)
+    tokens_in: Mapped[int] = mapped_column(Integer, default=0)
+    tokens_out: Mapped[int] = mapped_column(Integer, default=0)
