@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, s
 
     base = tmp_path_factory.mktemp("trained")
     s = Store(base / "home")
-    ds = ingest(s, "tiny", DataSpec(sources=[str(write_corpus(base / "corpus"))]), TINY_TOKENIZER)
+    ds = ingest(s, "tiny", DataSpec(sources=[str(write_corpus(base / "corpus"))], val_fraction=0.2), TINY_TOKENIZER)
     tr = train(
         s,
         ds.dataset_version_id,

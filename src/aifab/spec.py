@@ -8,10 +8,10 @@ straight to the offending key. Relative paths in the file are resolved against t
 import glob as globlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from aifab.errors import SpecError
 from aifab.store.names import NAME_RE
@@ -25,8 +25,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def _source_exists(source: str, info: ValidationInfo) -> str:
+    return resolve_source(source, Path((info.context or {}).get("base", ".")))
+
+
 class DataSpec(_Section):
-    sources: list[str] = Field(
+    # Each item is checked on its own, so an error names its index (data.sources.1) and its line.
+    sources: list[Annotated[str, AfterValidator(_source_exists)]] = Field(
         default_factory=list,
         description="Directories, files or globs to ingest. Empty means the Python standard library's source.",
     )
@@ -34,12 +39,6 @@ class DataSpec(_Section):
     jsonl_text_field: str = Field(default="text", min_length=1)
     val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     max_bytes: int | None = Field(default=None, gt=0, description="Stop reading after this many bytes.")
-
-    @field_validator("sources")
-    @classmethod
-    def _sources_exist(cls, sources: list[str], info: ValidationInfo) -> list[str]:
-        base = Path((info.context or {}).get("base", "."))
-        return [resolve_source(s, base) for s in sources]
 
     @field_validator("extensions")
     @classmethod
@@ -170,7 +169,12 @@ def _describe(exc: ValidationError, root: yaml.Node | None, path: Path) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], dict | list):
+    elif (
+        first["type"] != "missing"
+        and "input" in first
+        and not isinstance(first["input"], dict | list)
+        and repr(first["input"]) not in msg  # our own validators already quote the value
+    ):
         msg = f"{msg} (got {first['input']!r})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{path}:{_line_of(root, loc)}: {key}: {msg}{more}"

@@ -5,7 +5,6 @@ Expected failures (AifabError) print one line and exit 2; `--debug` shows the tr
 
 import sys
 
-import click
 import typer
 
 from aifab.cli import demo, serve, store_views
@@ -19,20 +18,13 @@ def main() -> None:
     debug = "--debug" in sys.argv[1:]
     command = typer.main.get_command(app)
     try:
-        command.main(args=sys.argv[1:], prog_name="aifab", standalone_mode=False)
+        # standalone mode: usage errors print click's message and exit 2; Ctrl-C exits 1 with "Aborted!"
+        command.main(args=sys.argv[1:], prog_name="aifab", standalone_mode=True)
     except AifabError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
     except Exception as e:
         if debug:
             raise

@@ -19,7 +19,7 @@ app.add_typer(runs_app, name="runs")
 
 
 @models_app.callback(invoke_without_command=True)
-def models(ctx: typer.Context, name: str | None = typer.Argument(None)) -> None:
+def models(ctx: typer.Context, name: str | None = typer.Option(None, "--name", help="Only this model.")) -> None:
     """List model versions (optionally of one name) with their aliases and metrics."""
     if ctx.invoked_subcommand is not None:
         return

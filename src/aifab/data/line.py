@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from aifab.console import progress
 from aifab.data.sources import ReadStats, list_files, read_documents, stdlib_source
-from aifab.data.tokenize import EOT, ShardWriter, encode_documents, is_val, train_tokenizer
+from aifab.data.tokenize import EOT, ShardWriter, assign_splits, encode_documents, train_tokenizer
 from aifab.errors import DataError
 from aifab.spec import DataSpec, TokenizerSpec
 from aifab.store import Store
@@ -46,18 +46,19 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec) ->
     stats = ReadStats()
     with progress() as bar:
         task = bar.add_task("read", total=len(files))
-        docs: list[tuple[str, str]] = []
+        docs: list[str] = []
         for doc in read_documents(files, data.jsonl_text_field, data.max_bytes, stats):
-            docs.append((doc.source, doc.text))
+            docs.append(doc.text)
             bar.update(task, completed=stats.files + stats.skipped_files)
         bar.update(task, completed=len(files))
     if not docs:
         raise DataError(f"the corpus is empty: {len(files)} file(s) under {', '.join(sources)} hold no text")
-    docs = _ensure_both_splits(docs, data.val_fraction)
+    if len(docs) < 2:
+        raise DataError("the corpus has a single document; a train/val split needs at least two")
 
     with progress() as bar:
         bar.add_task("train tokenizer", total=None)
-        tok = train_tokenizer((text for _, text in docs), tokenizer.vocab_size, tokenizer.min_frequency)
+        tok = train_tokenizer(docs, tokenizer.vocab_size, tokenizer.min_frequency)
     tokenizer_digest = store.artifacts.put_bytes(tok.to_str().encode())
     vocab_size = tok.get_vocab_size()
     dtype = dtype_for(vocab_size)
@@ -65,7 +66,8 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec) ->
     writers = {split: ShardWriter(store.artifacts, dtype) for split in ("train", "val")}
     with progress() as bar:
         task = bar.add_task("tokenize", total=len(docs))
-        counts = encode_documents(tok, docs, data.val_fraction, writers, lambda n: bar.advance(task, n))
+        splits = assign_splits(docs, data.val_fraction)
+        counts = encode_documents(tok, docs, splits, writers, lambda n: bar.advance(task, n))
     manifest = Manifest(
         tokenizer_digest=tokenizer_digest,
         vocab_size=vocab_size,
@@ -111,20 +113,3 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec) ->
         vocab_size=vocab_size,
         elapsed_s=time.perf_counter() - t0,
     )
-
-
-def _ensure_both_splits(docs: list[tuple[str, str]], val_fraction: float) -> list[tuple[str, str]]:
-    """Tiny corpora can hash every document into one split. Then rename the last document's source so it
-    lands in the other split (the name is only used for the split), or fail if there is only one."""
-    in_val = [is_val(src, val_fraction) for src, _ in docs]
-    if any(in_val) and not all(in_val):
-        return docs
-    if len(docs) < 2:
-        raise DataError("the corpus has a single document; a train/val split needs at least two")
-    want_val = not in_val[-1]
-    src, text = docs[-1]
-    for salt in range(10_000):
-        candidate = f"{src}#split{salt}"
-        if is_val(candidate, val_fraction) == want_val:
-            return [*docs[:-1], (candidate, text)]
-    raise DataError("cannot split the corpus into train and val; raise data.val_fraction")

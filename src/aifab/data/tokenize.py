@@ -34,9 +34,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
     return tok
 
 
-def is_val(source: str, val_fraction: float) -> bool:
-    """Deterministic split by document: the same source always lands in the same split."""
-    h = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "big")
+def is_val(text: str, val_fraction: float) -> bool:
+    """Deterministic split by document content: the same text lands in the same split wherever it lives,
+    and exact duplicates never straddle train and val."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
     return h / 2**64 < val_fraction
 
 
@@ -82,21 +83,29 @@ class ShardWriter:
         return self.shards
 
 
+def assign_splits(texts: list[str], val_fraction: float) -> list[str]:
+    """ "train" or "val" per document. Tiny corpora can hash every document into one split; then the last
+    document moves to the other, so both splits exist."""
+    splits = ["val" if is_val(t, val_fraction) else "train" for t in texts]
+    if len(set(splits)) == 1 and len(splits) > 1:
+        splits[-1] = "train" if splits[-1] == "val" else "val"
+    return splits
+
+
 def encode_documents(
     tok: Any,
-    docs: list[tuple[str, str]],
-    val_fraction: float,
+    texts: list[str],
+    splits: list[str],
     writers: dict[str, ShardWriter],
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> dict[str, int]:
-    """Encode (source, text) documents in parallel batches, each followed by EOT, into the split writers."""
+    """Encode documents in parallel batches, each followed by EOT, into the writer of its split."""
     eot = tok.token_to_id(EOT)
     counts = {"train": 0, "val": 0}
-    for i in range(0, len(docs), ENCODE_BATCH):
-        batch = docs[i : i + ENCODE_BATCH]
-        encodings = tok.encode_batch([text for _, text in batch])
-        for (source, _), enc in zip(batch, encodings, strict=True):
-            split = "val" if is_val(source, val_fraction) else "train"
+    for i in range(0, len(texts), ENCODE_BATCH):
+        batch = texts[i : i + ENCODE_BATCH]
+        encodings = tok.encode_batch(batch)
+        for split, enc in zip(splits[i : i + ENCODE_BATCH], encodings, strict=True):
             ids = [*enc.ids, eot]
             writers[split].write(ids)
             counts[split] += len(ids)

@@ -53,11 +53,14 @@ def from_bytes(data: bytes, config: ModelConfig | None = None, device: str | tor
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise ValueError(f"not a valid safetensors weights file: {e}") from None
     model = Transformer(config)
-    expected = set(state_for_save(model))
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    expected = {k: v.shape for k, v in state_for_save(model).items()}
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
         raise ValueError(
             f"weights do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
+    for k, shape in expected.items():
+        if tensors[k].shape != shape:
+            raise ValueError(f"weights do not match the model: {k} is {list(tensors[k].shape)}, expected {list(shape)}")
     model.load_state_dict(tensors, strict=False)
     return model.to(device)

@@ -5,6 +5,7 @@ Errors use the OpenAI shape `{"error": {"message", "type", "param", "code"}}`: 4
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -91,19 +92,28 @@ class BodyLimit:
         too_big = error(413, f"request body exceeds {self.limit} bytes", kind="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)
-        seen = 0
+        seen, over, started = 0, False, False
 
         async def limited() -> Any:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                over = True
                 raise _TooLarge
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+        async def guarded(message: MutableMapping[str, Any]) -> None:
+            # the framework may catch _TooLarge while reading the body and answer with its own error;
+            # once the body is over the limit, only our 413 goes out
+            nonlocal started
+            if not over:
+                started = True
+                await send(message)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited, guarded)
+        if over and not started:
             await too_big(scope, receive, send)
 
 
@@ -133,11 +143,15 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
-        param = ".".join(loc) or None
+        # the top-level field: deeper parts of loc are union members ("str") or list indexes, and a JSON
+        # syntax error puts a character offset there
+        loc = [p for p in first["loc"] if p != "body"]
+        param = loc[0] if loc and isinstance(loc[0], str) else None
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif first["type"] == "json_invalid":
+            msg = f"the body is not valid JSON ({first.get('ctx', {}).get('error', msg)})"
         return error(400, f"{param}: {msg}" if param else msg, param=param)
 
     @app.get("/healthz")

@@ -66,7 +66,8 @@ class LoadedModel:
         model = from_bytes(store.artifacts.get_bytes(mv.weights_digest)).eval()
         tok = Tokenizer.from_str(store.artifacts.get_bytes(mv.tokenizer_digest).decode())
         mid = f"{mv.name}:{mv.version}"
-        names = {mid, ref, *(f"{mv.name}@{a}" for a in aliases_of(store, mv.id))}
+        # the bare name too: this server holds one version of it, so "demo" can only mean that one
+        names = {mid, ref, mv.name, *(f"{mv.name}@{a}" for a in aliases_of(store, mv.id))}
         return cls(
             mid,
             frozenset(names),

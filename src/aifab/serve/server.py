@@ -4,6 +4,7 @@ The listening socket is bound here, before uvicorn starts, so an occupied port i
 port 0 picks a free port.
 """
 
+import errno
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        if e.errno == 98:  # EADDRINUSE
+        if e.errno == errno.EADDRINUSE:  # 98 on Linux, 48 on macOS
             raise ServeError(f"port {port} on {host} is already in use; pick another with --port") from None
         raise ServeError(f"cannot bind to {host}:{port}: {e.strerror}") from None
     sock.listen(2048)

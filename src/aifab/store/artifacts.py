@@ -23,7 +23,7 @@ CHUNK = 1 << 20
 
 
 def check_key(key: object) -> str:
-    if not isinstance(key, str) or not KEY_RE.match(key):
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise ArtifactError(f"invalid artifact key {key!r}: expected 64 lowercase hex digits (a sha256)")
     return key
 

@@ -25,7 +25,7 @@ def make_engine(url: str) -> Engine:
     try:
         engine = create_engine(url, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as e:
-        raise StoreError(f"cannot use database URL {_redact(url)!r}: {e}") from None
+        raise StoreError(f"cannot use database URL {_redact(url)!r}: {_one_line(e)}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -49,16 +49,24 @@ def _redact(url: str) -> str:
     return url
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line: the driver's own error, without SQLAlchemy's help link."""
+    orig = getattr(e, "orig", None)
+    return " ".join(str(orig if orig is not None else e).split())
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the latest Alembic revision (creating it on an empty database)."""
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     head = ScriptDirectory.from_config(cfg).get_current_head()
+    where = _redact(str(engine.url))
     try:
         with engine.begin() as conn:
             if MigrationContext.configure(conn).get_current_revision() == head:
@@ -66,7 +74,9 @@ def migrate(engine: Engine) -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except SQLAlchemyError as e:
-        raise StoreError(f"cannot open database {_redact(str(engine.url))}: {e.__class__.__name__}: {e}") from None
+        raise StoreError(f"cannot open database {where}: {e.__class__.__name__}: {_one_line(e)}") from None
+    except CommandError as e:  # e.g. a revision this aifab does not know: the database is from a newer version
+        raise StoreError(f"cannot migrate database {where}: {_one_line(e)}") from None
 
 
 def table_names(engine: Engine) -> list[str]:
@@ -79,7 +89,11 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        migrate(self.engine)
+        try:
+            migrate(self.engine)
+        except BaseException:
+            self.engine.dispose()  # release the pool's connections before the error reaches the user
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -14,7 +14,7 @@ def check_name(name: str, what: str = "name") -> str:
     Names are 1-64 characters of letters, digits, '.', '_' and '-', starting with a letter or digit, so a
     name can never be a path, an option or an empty string.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise AifabError(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -36,7 +36,7 @@ class ModelRef:
             return cls(check_name(name, "model name"), alias=check_name(alias, "alias"))
         if ":" in text:
             name, version = text.split(":", 1)
-            if not version.isdigit() or int(version) < 1:
+            if not (version.isascii() and version.isdigit()) or int(version) < 1:
                 raise AifabError(f"invalid model version in {text!r}: expected a positive integer after ':'")
             return cls(check_name(name, "model name"), version=int(version))
         return cls(check_name(text, "model name"))

@@ -7,7 +7,18 @@ anything a query filters or sums on gets its own column.
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -15,8 +26,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend. SQLite stores no zone, so values read back are
+    marked UTC here; PostgreSQL keeps the zone itself."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: store UTC datetimes only")
+        return None if value is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: UTCDateTime()}
 
 
 class DatasetVersion(Base):
@@ -31,12 +60,12 @@ class DatasetVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     manifest_digest: Mapped[str] = mapped_column(String(64))
     tokenizer_digest: Mapped[str] = mapped_column(String(64))
-    files: Mapped[int]
-    bytes: Mapped[int]
-    documents: Mapped[int]
-    tokens: Mapped[int]
-    train_tokens: Mapped[int]
-    val_tokens: Mapped[int]
+    files: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    documents: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    train_tokens: Mapped[int] = mapped_column(BigInteger)
+    val_tokens: Mapped[int] = mapped_column(BigInteger)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
@@ -85,7 +114,7 @@ class ModelVersion(Base):
     weights_digest: Mapped[str] = mapped_column(String(64))
     tokenizer_digest: Mapped[str] = mapped_column(String(64))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    params_count: Mapped[int]
+    params_count: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
@@ -132,5 +161,5 @@ class LedgerEntry(Base):
     energy_j: Mapped[float] = mapped_column(Float)
     cost_usd: Mapped[float] = mapped_column(Float)
     co2_g: Mapped[float] = mapped_column(Float)
-    tokens_in: Mapped[int] = mapped_column(Integer, default=0)
-    tokens_out: Mapped[int] = mapped_column(Integer, default=0)
+    tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -21,6 +21,7 @@ from aifab.errors import ArtifactError, TrainError
 from aifab.nn.config import PRESETS, ModelConfig
 from aifab.spec import ModelSpec, TrainingSpec
 from aifab.store import Store
+from aifab.store.lineage import link
 from aifab.store.schema import DatasetVersion, Run, RunMetric, utcnow
 from aifab.store.shards import TokenShards
 from aifab.train.schedule import lr_at
@@ -98,6 +99,8 @@ def train(
                 started_at=utcnow(),
             )
         )
+        s.flush()
+        link(s, ("dataset", dataset_version_id), ("run", run_id), "input")
     try:
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(os.cpu_count() or 1)

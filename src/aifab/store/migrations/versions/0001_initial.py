@@ -25,12 +25,12 @@ def upgrade() -> None:
         sa.Column("created_at", TS, nullable=False),
         sa.Column("manifest_digest", sa.String(64), nullable=False),
         sa.Column("tokenizer_digest", sa.String(64), nullable=False),
-        sa.Column("files", sa.Integer, nullable=False),
-        sa.Column("bytes", sa.Integer, nullable=False),
-        sa.Column("documents", sa.Integer, nullable=False),
-        sa.Column("tokens", sa.Integer, nullable=False),
-        sa.Column("train_tokens", sa.Integer, nullable=False),
-        sa.Column("val_tokens", sa.Integer, nullable=False),
+        sa.Column("files", sa.BigInteger, nullable=False),
+        sa.Column("bytes", sa.BigInteger, nullable=False),
+        sa.Column("documents", sa.BigInteger, nullable=False),
+        sa.Column("tokens", sa.BigInteger, nullable=False),
+        sa.Column("train_tokens", sa.BigInteger, nullable=False),
+        sa.Column("val_tokens", sa.BigInteger, nullable=False),
         sa.Column("params", sa.JSON, nullable=False),
         sa.UniqueConstraint("name", "version"),
     )
@@ -69,7 +69,7 @@ def upgrade() -> None:
         sa.Column("weights_digest", sa.String(64), nullable=False),
         sa.Column("tokenizer_digest", sa.String(64), nullable=False),
         sa.Column("config", sa.JSON, nullable=False),
-        sa.Column("params_count", sa.Integer, nullable=False),
+        sa.Column("params_count", sa.BigInteger, nullable=False),
         sa.Column("metrics", sa.JSON, nullable=False),
         sa.UniqueConstraint("name", "version"),
     )
@@ -111,8 +111,8 @@ def upgrade() -> None:
         sa.Column("energy_j", sa.Float, nullable=False),
         sa.Column("cost_usd", sa.Float, nullable=False),
         sa.Column("co2_g", sa.Float, nullable=False),
-        sa.Column("tokens_in", sa.Integer, nullable=False),
-        sa.Column("tokens_out", sa.Integer, nullable=False),
+        sa.Column("tokens_in", sa.BigInteger, nullable=False),
+        sa.Column("tokens_out", sa.BigInteger, nullable=False),
     )
     op.create_index("ix_ledger_stage", "ledger", ["stage"])
 

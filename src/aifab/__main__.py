@@ -1,0 +1,5 @@
+"""`python -m aifab` is the `aifab` command."""
+
+from aifab.cli import main
+
+main()

@@ -1,0 +1,347 @@
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from aifab.serve.api import create_app
+from aifab.serve.engine import Delta, Done, Engine, LoadedModel, Request
+from aifab.serve.sampling import SamplingParams
+from aifab.serve.server import BackgroundServer
+from aifab.store import Store
+
+WAIT_S = 30  # an upper bound for waits that normally take milliseconds; never a timing assertion
+MODEL = "tiny:1"
+
+
+@pytest.fixture(scope="module")
+def loaded(trained: tuple[Store, str]) -> LoadedModel:
+    store, ref = trained
+    return LoadedModel.load(store, ref)
+
+
+@pytest.fixture(scope="module")
+def engine(loaded: LoadedModel) -> Iterator[Engine]:
+    e = Engine(loaded)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(create_app(engine)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: BackgroundServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=WAIT_S) as c:
+        yield c
+
+
+def body(**kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "def function_", "max_tokens": 12, "temperature": 0, **kw}
+
+
+def sse_data(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def stream(client: httpx.Client, payload: dict[str, Any]) -> list[str]:
+    with client.stream("POST", "/v1/completions", json={**payload, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return sse_data(r)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None, kind: str = "invalid_request_error") -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == kind
+    assert err["param"] == param
+    if param is not None:
+        assert err["message"].startswith(f"{param}:")
+
+
+def wait_until(cond: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+# --- completions -----------------------------------------------------------------------------------------------
+
+
+def test_completion_has_the_openai_shape_and_consistent_usage(client: httpx.Client, loaded: LoadedModel) -> None:
+    r = client.post("/v1/completions", json=body())
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "text_completion" and data["model"] == MODEL
+    assert data["id"].startswith("cmpl-") and isinstance(data["created"], int)
+    [choice] = data["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
+    usage = data["usage"]
+    assert usage["prompt_tokens"] == len(loaded.encode("def function_"))
+    assert 0 < usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    if choice["finish_reason"] == "length":
+        assert usage["completion_tokens"] == 12
+
+
+def test_greedy_completions_are_deterministic(client: httpx.Client) -> None:
+    texts = {client.post("/v1/completions", json=body()).json()["choices"][0]["text"] for _ in range(3)}
+    assert len(texts) == 1
+
+
+@pytest.mark.parametrize("extra", [{}, {"max_tokens": 1}, {"prompt": ["return value"]}])
+def test_stream_text_equals_non_stream_text(client: httpx.Client, extra: dict[str, Any]) -> None:
+    whole = client.post("/v1/completions", json=body(**extra)).json()
+    events = stream(client, body(**extra))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("usage" not in c for c in chunks[:-1])
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert last["usage"] == whole["usage"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+
+
+def test_stop_string_cuts_the_text(client: httpx.Client) -> None:
+    full = client.post("/v1/completions", json=body()).json()["choices"][0]["text"]
+    assert len(full) >= 4, f"the tiny model produced too little text to test stops: {full!r}"
+    stop = full[2:4]
+    for payload in (body(stop=stop), body(stop=["zzzz", stop])):
+        data = client.post("/v1/completions", json=payload).json()
+        assert data["choices"][0]["text"] == full[: full.index(stop)]
+        assert data["choices"][0]["finish_reason"] == "stop"
+        streamed = [json.loads(e) for e in stream(client, payload)[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in streamed) == full[: full.index(stop)]
+
+
+def test_openai_client(server: BackgroundServer) -> None:
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=WAIT_S)
+    whole = oai.completions.create(model=MODEL, prompt="def function_", max_tokens=12, temperature=0)
+    assert whole.model == MODEL and whole.object == "text_completion"
+    assert whole.usage is not None
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    chunks = list(
+        oai.completions.create(model=MODEL, prompt="def function_", max_tokens=12, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage == whole.usage
+    assert [m.id for m in oai.models.list()] == [MODEL]
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.completions.create(model=MODEL, prompt="def", max_tokens=0)
+    assert exc.value.status_code == 400
+
+
+# --- models and health -----------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_served_model(client: httpx.Client) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    data = r.json()
+    assert data["object"] == "list"
+    [card] = data["data"]
+    assert card["id"] == MODEL and card["object"] == "model" and card["owned_by"] == "aifab"
+    assert isinstance(card["created"], int) and card["created"] > 0
+
+
+def test_healthz(client: httpx.Client) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok" and r.json()["model"] == MODEL
+
+
+@pytest.mark.parametrize("ref", ["tiny", "tiny:1", "tiny@latest"])
+def test_the_model_may_be_named_as_it_was_loaded(trained: tuple[Store, str], ref: str) -> None:
+    store, _ = trained
+    lm = LoadedModel.load(store, ref)
+    assert lm.id == MODEL and {ref, "tiny:1", "tiny@latest"} <= lm.names
+    engine = Engine(lm)
+    try:
+        with BackgroundServer(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
+            for name in {ref, "tiny:1", "tiny@latest"}:
+                r = c.post("/v1/completions", json=body(model=name, max_tokens=2))
+                assert r.status_code == 200, r.text
+                assert r.json()["model"] == MODEL
+            for name in ("tiny:2", "tiny@best", "other", ""):
+                assert_error(c.post("/v1/completions", json=body(model=name)), 400, "model")
+    finally:
+        engine.close()
+
+
+# --- bad requests ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 10_000}, "max_tokens"),  # more than the 32-token context
+        ({"max_tokens": 30}, "max_tokens"),  # fits the context alone, not with the prompt
+        ({"max_tokens": "ten"}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"temperature": 5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"n": 2}, "n"),
+        ({"bogus": 1}, "bogus"),
+        ({"echo": True}, "echo"),
+        ({"prompt": "def " * 40}, "prompt"),  # longer than the context
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "nope"}, "model"),
+    ],
+)
+def test_bad_field_is_a_400_naming_it(client: httpx.Client, change: dict[str, Any], param: str) -> None:
+    assert_error(client.post("/v1/completions", json=body(**change)), 400, param)
+
+
+@pytest.mark.parametrize("field", ["prompt", "model"])
+def test_missing_field_is_a_400_naming_it(client: httpx.Client, field: str) -> None:
+    payload = body()
+    del payload[field]
+    assert_error(client.post("/v1/completions", json=payload), 400, field)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_temperature_is_a_400(client: httpx.Client, value: str) -> None:
+    raw = f'{{"model": "{MODEL}", "prompt": "x", "temperature": {value}}}'.encode()
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400, "temperature")
+
+
+def test_malformed_json_is_a_400(client: httpx.Client) -> None:
+    r = client.post("/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_over_the_limit_is_a_413(engine: Engine) -> None:
+    app = create_app(engine, max_body_bytes=1000)
+    padding = "x" * 1200
+    payload = json.dumps(body(user=padding)).encode()
+
+    def chunks() -> Iterator[bytes]:  # no content-length: httpx sends it chunked
+        for i in range(0, len(payload), 100):
+            yield payload[i : i + 100]
+
+    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
+        assert_error(c.post("/v1/completions", content=payload), 413, None, kind="request_too_large")
+        r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers
+        assert_error(r, 413, None, kind="request_too_large")
+        assert c.post("/v1/completions", json=body(user="x" * 100)).status_code == 200  # under the limit
+
+
+# --- API key ---------------------------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_once_set(engine: Engine) -> None:
+    with BackgroundServer(create_app(engine, api_key="sekrit")) as srv, httpx.Client(base_url=srv.url) as c:
+        for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "sekrit"}):
+            for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/healthz")):
+                r = c.request(method, path, json=body() if method == "POST" else None, headers=headers)
+                assert_error(r, 401, None, kind="authentication_error")
+        good = {"authorization": "Bearer sekrit"}
+        assert c.post("/v1/completions", json=body(max_tokens=2), headers=good).status_code == 200
+        assert c.get("/v1/models", headers=good).status_code == 200
+        oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekrit", max_retries=0, timeout=WAIT_S)
+        assert oai.completions.create(model=MODEL, prompt="def", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# --- load and disconnects --------------------------------------------------------------------------------------
+
+
+def test_queue_full_is_a_429_with_retry_after(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(loaded, max_queue=1)
+    entered, release = threading.Event(), threading.Event()
+    run_one = engine._run_one
+
+    def blocked(req: Request) -> None:
+        entered.set()
+        release.wait(WAIT_S)
+        run_one(req)
+
+    monkeypatch.setattr(engine, "_run_one", blocked)
+    done = [threading.Event(), threading.Event()]
+
+    def emit_to(flag: threading.Event) -> Any:
+        return lambda e: flag.set() if isinstance(e, Done) else None
+
+    params = SamplingParams(max_tokens=2, temperature=0)
+    try:
+        with BackgroundServer(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
+            engine.submit(Request(loaded.encode("def"), params, emit_to(done[0])))
+            assert entered.wait(WAIT_S)  # the worker is busy with the first request
+            engine.submit(Request(loaded.encode("def"), params, emit_to(done[1])))  # and the queue is full
+            r = c.post("/v1/completions", json=body())
+            assert_error(r, 429, None, kind="rate_limit_error")
+            assert r.headers["retry-after"] == "1"
+            release.set()
+            assert all(d.wait(WAIT_S) for d in done)
+            assert c.post("/v1/completions", json=body(max_tokens=2)).status_code == 200
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_client_disconnect_mid_stream_frees_the_engine(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(loaded)
+    outcome: list[str] = []
+
+    def endless(req: Request) -> None:  # streams until cancelled (or for a very long time)
+        for _ in range(20_000):
+            if req.cancelled.is_set():
+                outcome.append("cancelled")
+                req.emit(Done("cancelled", len(req.prompt_ids), 0))
+                return
+            req.emit(Delta("x"))
+            time.sleep(0.002)
+        outcome.append("ran to the end")
+        req.emit(Done("length", len(req.prompt_ids), 0))
+
+    monkeypatch.setattr(engine, "_run_one", endless)
+    try:
+        with BackgroundServer(create_app(engine)) as srv:
+            with (
+                httpx.Client(base_url=srv.url, timeout=WAIT_S) as c,
+                c.stream("POST", "/v1/completions", json=body(stream=True)) as r,
+            ):
+                lines = r.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                wait_until(lambda: engine.running == 1, "the engine to start")
+            # the client and its connection are gone
+            wait_until(lambda: bool(outcome), "the engine to finish the abandoned request")
+            assert outcome == ["cancelled"]
+            wait_until(lambda: engine.running == 0, "the engine to go idle")
+            monkeypatch.undo()  # the real model again
+            with httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
+                r2 = c.post("/v1/completions", json=body(max_tokens=2))
+                assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        engine.close()
+
+
+def test_healthz_reports_queue_and_running(client: httpx.Client, engine: Engine) -> None:
+    data = client.get("/healthz").json()
+    assert data["queued"] == 0 and data["running"] == 0
