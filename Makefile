@@ -14,8 +14,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev lint typecheck unit
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy src/aifab

@@ -169,11 +169,11 @@ def test_healthz(client: httpx.Client) -> None:
 def test_the_model_may_be_named_as_it_was_loaded(trained: tuple[Store, str], ref: str) -> None:
     store, _ = trained
     lm = LoadedModel.load(store, ref)
-    assert lm.id == MODEL and {ref, "tiny:1", "tiny@latest"} <= lm.names
+    assert lm.id == MODEL and lm.names == {"tiny", "tiny:1", "tiny@latest"}
     engine = Engine(lm)
     try:
         with BackgroundServer(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
-            for name in {ref, "tiny:1", "tiny@latest"}:
+            for name in ("tiny", "tiny:1", "tiny@latest"):
                 r = c.post("/v1/completions", json=body(model=name, max_tokens=2))
                 assert r.status_code == 200, r.text
                 assert r.json()["model"] == MODEL
@@ -305,11 +305,10 @@ def test_queue_full_is_a_429_with_retry_after(loaded: LoadedModel, monkeypatch: 
         engine.close()
 
 
-def test_client_disconnect_mid_stream_frees_the_engine(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = Engine(loaded)
-    outcome: list[str] = []
+def endless(outcome: list[str]) -> Any:
+    """An engine step that streams "x" until cancelled (or for a very long time), recording how it ended."""
 
-    def endless(req: Request) -> None:  # streams until cancelled (or for a very long time)
+    def run_one(req: Request) -> None:
         for _ in range(20_000):
             if req.cancelled.is_set():
                 outcome.append("cancelled")
@@ -320,7 +319,13 @@ def test_client_disconnect_mid_stream_frees_the_engine(loaded: LoadedModel, monk
         outcome.append("ran to the end")
         req.emit(Done("length", len(req.prompt_ids), 0))
 
-    monkeypatch.setattr(engine, "_run_one", endless)
+    return run_one
+
+
+def test_client_disconnect_mid_stream_frees_the_engine(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(loaded)
+    outcome: list[str] = []
+    monkeypatch.setattr(engine, "_run_one", endless(outcome))
     try:
         with BackgroundServer(create_app(engine)) as srv:
             with (
@@ -338,6 +343,24 @@ def test_client_disconnect_mid_stream_frees_the_engine(loaded: LoadedModel, monk
             with httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
                 r2 = c.post("/v1/completions", json=body(max_tokens=2))
                 assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        engine.close()
+
+
+def test_request_timeout_is_a_504_and_frees_the_engine(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(loaded)
+    outcome: list[str] = []
+    monkeypatch.setattr(engine, "_run_one", endless(outcome))
+    try:
+        app = create_app(engine, request_timeout_s=0.2)
+        with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
+            assert_error(c.post("/v1/completions", json=body()), 504, None, kind="server_error")
+            wait_until(lambda: bool(outcome), "the engine to drop the timed-out request")
+            events = stream(c, body())
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["error"]["type"] == "server_error"
+            wait_until(lambda: len(outcome) == 2, "the engine to drop the timed-out stream")
+        assert outcome == ["cancelled", "cancelled"]
     finally:
         engine.close()
 

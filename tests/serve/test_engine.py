@@ -153,7 +153,7 @@ def direct_greedy(lm: LoadedModel, prompt_ids: list[int], max_tokens: int) -> li
 
 def test_loaded_model_knows_its_names(loaded: LoadedModel) -> None:
     assert loaded.id == "tiny:1"
-    assert {"tiny:1", "tiny@latest"} <= loaded.names
+    assert loaded.names == {"tiny", "tiny:1", "tiny@latest"}
     assert loaded.context_len == 32
     assert loaded.tokenizer.id_to_token(loaded.eot_id) == "<|endoftext|>"
 

@@ -47,7 +47,7 @@ def evaluate(
     with torch.inference_mode():
         for _ in range(batches):
             x, y = shards.batch("val", batch_size, T, rng)
-            losses.append(model(torch.from_numpy(x), torch.from_numpy(y))[1].item())  # type: ignore[union-attr]
+            losses.append(model(torch.from_numpy(x), torch.from_numpy(y))[1].item())
     val_loss = float(np.mean(losses))
 
     eot = shards.manifest.eot_id

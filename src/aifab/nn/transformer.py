@@ -77,7 +77,8 @@ class Attention(nn.Module):
             else:  # new token i (absolute pos+i) sees keys 0..pos+i
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
+        out: Tensor = self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
+        return out
 
 
 class MLP(nn.Module):
@@ -90,7 +91,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.hidden, config.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        out: Tensor = self.down(F.silu(self.gate(x)) * self.up(x))
+        return out
 
 
 class Block(nn.Module):
@@ -103,10 +105,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, pos: int) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
-        return x + self.mlp(self.mlp_norm(x))
+        out: Tensor = x + self.mlp(self.mlp_norm(x))
+        return out
 
 
 class Transformer(nn.Module):
+    rope_cos: Tensor  # (context_len, hs/2) buffers, not parameters
+    rope_sin: Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -179,7 +179,7 @@ def stream_text(http: Any, body: dict[str, Any]) -> str:
     """POST a streaming completion and join the text of its SSE chunks."""
     import json
 
-    parts = []
+    parts: list[str] = []
     with http.stream("POST", "/v1/completions", json=body) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":

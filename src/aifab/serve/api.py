@@ -87,7 +87,8 @@ class BodyLimit:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         declared = dict(scope["headers"]).get(b"content-length")
         too_big = error(413, f"request body exceeds {self.limit} bytes", kind="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
@@ -190,7 +191,11 @@ def create_app(
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        req = EngineRequest(prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+
+        def emit(event: Event) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        req = EngineRequest(prompt_ids, params, emit)
         try:
             engine.submit(req)
         except QueueFull as e:

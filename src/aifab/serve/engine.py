@@ -6,12 +6,14 @@ request's `emit` callback, which must not block. Setting `request.cancelled` end
 next token. The foundation serves one sequence at a time; continuous batching replaces `_run_one`.
 """
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aifab.errors import ServeError
 from aifab.serve.generate import generate
 from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
@@ -68,12 +70,15 @@ class LoadedModel:
         mid = f"{mv.name}:{mv.version}"
         # the bare name too: this server holds one version of it, so "demo" can only mean that one
         names = {mid, ref, mv.name, *(f"{mv.name}@{a}" for a in aliases_of(store, mv.id))}
+        eot = tok.token_to_id("<|endoftext|>")
+        if eot is None:
+            raise ServeError(f"the tokenizer of {mid} has no <|endoftext|> token")
         return cls(
             mid,
             frozenset(names),
             model,
             tok,
-            tok.token_to_id("<|endoftext|>"),
+            eot,
             model.config.context_len,
             int(mv.created_at.timestamp()),
         )
@@ -141,7 +146,8 @@ class Engine:
             try:
                 self._run_one(req)
             except Exception as e:  # a bad request must not kill the engine; it gets an error event
-                req.emit(Done("error", len(req.prompt_ids), 0, error=f"{type(e).__name__}: {e}"))
+                with contextlib.suppress(Exception):  # nor may a listener that is already gone
+                    req.emit(Done("error", len(req.prompt_ids), 0, error=f"{type(e).__name__}: {e}"))
             finally:
                 self.running = 0
 
