@@ -16,13 +16,14 @@ from rich.progress import (
 err = Console(stderr=True)
 
 
-def progress(*extra: TextColumn, transient: bool = False) -> Progress:
-    """A progress bar with rate-friendly columns; `extra` adds live fields such as loss or tokens/s."""
+def progress(*extra: TextColumn, counts: bool = True, transient: bool = False) -> Progress:
+    """A progress bar with percentage, elapsed time and ETA. `extra` adds live fields such as loss or
+    tokens/s; `counts=False` hides the done/total column when the total is not a count of things."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        MofNCompleteColumn(),
+        *([MofNCompleteColumn()] if counts else []),
         *extra,
         TimeElapsedColumn(),
         TextColumn("ETA"),

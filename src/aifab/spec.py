@@ -77,8 +77,8 @@ class ModelSpec(_Section):
 
 class TrainingSpec(_Section):
     steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
-    seconds: float | None = Field(default=90.0, gt=0, description="Stop after this much wall time.")
-    batch_size: int = Field(default=16, ge=1, le=4096)
+    seconds: float | None = Field(default=120.0, gt=0, description="Stop after this much wall time.")
+    batch_size: int = Field(default=8, ge=1, le=4096)
     lr: float = Field(default=3e-3, gt=0, le=1.0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1.0)
     warmup_steps: int = Field(default=20, ge=0)
@@ -225,7 +225,7 @@ tokenizer:
   min_frequency: 2
 
 model:
-  # tiny (~4M parameters, trains on a laptop CPU), small, or base; any field below overrides the preset.
+  # tiny (~1.2M parameters, trains on a laptop CPU), small, or base; any field overrides the preset.
   preset: tiny
   n_layer: null
   n_head: null
@@ -235,8 +235,8 @@ model:
 training:
   # Whichever budget is reached first ends training; null disables that budget.
   steps: null
-  seconds: 90
-  batch_size: 16
+  seconds: 120
+  batch_size: 8
   lr: 0.003
   min_lr_ratio: 0.1
   warmup_steps: 20

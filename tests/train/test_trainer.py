@@ -96,7 +96,7 @@ def test_bad_inputs_fail_before_any_run_exists(store: Store, dataset: int) -> No
 
 def test_model_config_for_applies_overrides_to_the_preset() -> None:
     cfg = model_config_for(ModelSpec(preset="tiny", n_layer=2), vocab_size=500)
-    assert (cfg.vocab_size, cfg.n_layer, cfg.d_model) == (500, 2, 192)
+    assert (cfg.vocab_size, cfg.n_layer, cfg.d_model) == (500, 2, 128)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:

@@ -26,7 +26,9 @@ def serve(
     sock = bind(host, port)  # an occupied port fails here, before the engine starts
     engine = Engine(loaded, max_queue=max_queue)
     key = api_key or os.environ.get("AIFAB_API_KEY") or None
-    err.print(f"serving {loaded.id} on http://{host}:{port}/v1 (Ctrl-C to stop){' with an API key' if key else ''}")
+    bound_host, bound_port = sock.getsockname()[:2]  # the real port when --port 0 asked for any free one
+    auth = " with an API key" if key else ""
+    err.print(f"serving {loaded.id} on http://{bound_host}:{bound_port}/v1{auth} (Ctrl-C to stop)")
     try:
         serve_forever(create_app(engine, api_key=key), sock)
     finally:

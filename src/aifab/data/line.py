@@ -77,6 +77,15 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec) ->
     )
     manifest_digest = store.artifacts.put_bytes(manifest.to_json())
 
+    sizes = {
+        "files": stats.files,
+        "bytes": stats.bytes,
+        "documents": len(docs),
+        "tokens": counts["train"] + counts["val"],
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+    }
+    params = {"sources": sources, **data.model_dump(exclude={"sources"}), "tokenizer": tokenizer.model_dump()}
     with store.db.session() as s:
         version = (s.scalar(select(func.max(DatasetVersion.version)).where(DatasetVersion.name == name)) or 0) + 1
         row = DatasetVersion(
@@ -84,17 +93,8 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec) ->
             version=version,
             manifest_digest=manifest_digest,
             tokenizer_digest=tokenizer_digest,
-            files=stats.files,
-            bytes=stats.bytes,
-            documents=len(docs),
-            tokens=counts["train"] + counts["val"],
-            train_tokens=counts["train"],
-            val_tokens=counts["val"],
-            params={
-                "sources": sources,
-                **data.model_dump(exclude={"sources"}),
-                "tokenizer": tokenizer.model_dump(),
-            },
+            params=params,
+            **sizes,
         )
         s.add(row)
         s.flush()
@@ -103,13 +103,8 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec) ->
         dataset_version_id=row_id,
         name=name,
         version=version,
-        files=stats.files,
-        bytes=stats.bytes,
-        documents=len(docs),
         skipped_files=stats.skipped_files,
-        tokens=counts["train"] + counts["val"],
-        train_tokens=counts["train"],
-        val_tokens=counts["val"],
         vocab_size=vocab_size,
         elapsed_s=time.perf_counter() - t0,
+        **sizes,
     )

@@ -191,9 +191,13 @@ def _loop(
     t0 = time.perf_counter()
     step, tokens, train_s, loss_value, stopped_by = 0, 0, 0.0, float("nan"), ""
     total = cfg.steps if cfg.seconds is None else 1000
-    columns = (TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"))
-    with progress(*columns) as bar:
-        task = bar.add_task("train", total=total, loss=float("nan"), tps=0.0)
+    columns = (
+        TextColumn("step {task.fields[step]}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[tps]:,.0f} tok/s"),
+    )
+    with progress(*columns, counts=False) as bar:
+        task = bar.add_task("train", total=total, step=0, loss=float("nan"), tps=0.0)
         while True:
             elapsed = time.perf_counter() - t0
             frac = max(step / cfg.steps if cfg.steps else 0.0, elapsed / cfg.seconds if cfg.seconds else 0.0)
@@ -229,7 +233,7 @@ def _loop(
             if step % METRIC_FLUSH_STEPS == 0:
                 flush()
             done = step if cfg.seconds is None else 1000 * frac
-            bar.update(task, completed=done, loss=loss_value, tps=tokens / train_s)
+            bar.update(task, completed=done, step=step, loss=loss_value, tps=tokens / train_s)
         bar.update(task, completed=total)
     if last_val[0] == step:
         val_final = last_val[1]
