@@ -86,8 +86,10 @@ def print_report(r: dict[str, Any]) -> None:
     )
     table.add_row(
         "val loss",
-        f"{t['val_loss_initial']:.3f} -> {t['val_loss_final']:.3f} "
-        f"({100 * t['val_loss_reduction']:.0f}% lower); eval perplexity {e['perplexity']:.1f}",
+        f"{t['val_loss_initial']:.3f} -> {t['val_loss_final']:.3f} ({100 * t['val_loss_reduction']:.0f}% lower)",
+    )
+    table.add_row(
+        "evaluate", f"val loss {e['val_loss']:.3f}, perplexity {e['perplexity']:.1f} on {e['val_tokens']:,} tokens"
     )
     for sample in e["samples"]:
         table.add_row("sample", f"{sample['prompt']!r} -> {sample['completion'][:80]!r}")

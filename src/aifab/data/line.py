@@ -56,7 +56,7 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec) ->
     if len(docs) < 2:
         raise DataError("the corpus has a single document; a train/val split needs at least two")
 
-    with progress() as bar:
+    with progress(counts=False) as bar:
         bar.add_task("train tokenizer", total=None)
         tok = train_tokenizer(docs, tokenizer.vocab_size, tokenizer.min_frequency)
     tokenizer_digest = store.artifacts.put_bytes(tok.to_str().encode())

@@ -14,7 +14,7 @@ class EvalResult:
     val_loss: float
     perplexity: float
     val_tokens: int
-    samples: list[tuple[str, str]]  # (prompt, greedy completion)
+    samples: list[tuple[str, str]]  # (prompt, sampled completion)
 
 
 def evaluate(
@@ -29,7 +29,7 @@ def evaluate(
     max_new_tokens: int,
     seed: int = 0,
 ) -> EvalResult:
-    """Score the weights on `batches` random validation windows and complete each prompt greedily."""
+    """Score the weights on `batches` random validation windows and complete each prompt (seeded sampling)."""
     import torch
     from tokenizers import Tokenizer
 
@@ -55,7 +55,10 @@ def evaluate(
     room = T - 1
     for prompt in prompts:
         ids = [eot, *tok.encode(prompt).ids][:room]
-        params = SamplingParams(max_tokens=max(1, min(max_new_tokens, T - len(ids))), temperature=0.0)
+        # sampled, not greedy: a small model's greedy text loops on its likeliest phrase; seeded, so repeatable
+        params = SamplingParams(
+            max_tokens=max(1, min(max_new_tokens, T - len(ids))), temperature=0.8, top_k=50, seed=seed
+        )
         out: list[int] = []
         for token in generate(model, ids, params):
             if token == eot:
