@@ -90,3 +90,23 @@ def test_demo_then_serve(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=15)
+
+
+def test_demo_without_serving_on_a_time_budget(tmp_path: Path) -> None:
+    """--no-serve skips the server and prints the command that starts one; --train-seconds overrides the spec."""
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "factory.yaml").write_text(SPEC)
+    env = {**os.environ, "AIFAB_HOME": str(tmp_path / "home"), "AIFAB_NO_PROGRESS": "1", "COLUMNS": "200"}
+    env.pop("AIFAB_DB", None)
+    demo = subprocess.run(
+        [sys.executable, "-m", "aifab", "demo", "--config", "factory.yaml", "--no-serve", "--train-seconds", "1",
+         "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr
+    report = json.loads(demo.stdout.strip().splitlines()[-1])
+    assert "requests" not in report["serving"]
+    show = subprocess.run([sys.executable, "-m", "aifab", "runs", "show", report["train"]["run_id"], "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert json.loads(show.stdout)["params"]["training"]["seconds"] == 1.0
+    assert "serve it: aifab --home" in demo.stdout

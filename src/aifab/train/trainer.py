@@ -79,7 +79,9 @@ def train(
     try:
         shards.check_fits(config.context_len)
     except ArtifactError as e:
-        raise TrainError(f"dataset too small for this model: {e}") from None
+        raise TrainError(
+            f"dataset too small for this model: {e}; add data, raise data.val_fraction or lower model.context_len"
+        ) from None
 
     run_id = uuid.uuid4().hex[:12]
     params = {
