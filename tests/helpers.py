@@ -1,9 +1,13 @@
 """Helpers shared by tests: a tiny model shape and a tiny corpus writer."""
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 from aifab.spec import ModelSpec, TokenizerSpec
+from aifab.store.schema import DatasetVersion
 
 # A small model that trains in a couple of seconds on one core.
 TINY_MODEL = ModelSpec(n_layer=2, n_head=2, d_model=32, context_len=32)
@@ -31,3 +35,40 @@ def write_corpus(root: Path, n_files: int = 12) -> Path:
         '{"text": "a json document about return values"}\n{"text": "another json document"}\n'
     )
     return root
+
+
+def dataset_row(**overrides: object) -> DatasetVersion:
+    """A DatasetVersion row with plausible counts, for tests of the store rather than the data line."""
+    fields: dict[str, object] = {
+        "name": "corpus",
+        "version": 1,
+        "manifest_digest": "a" * 64,
+        "tokenizer_digest": "b" * 64,
+        "files": 3,
+        "bytes": 1000,
+        "documents": 10,
+        "tokens": 500,
+        "train_tokens": 450,
+        "val_tokens": 50,
+        "params": {"extensions": [".py"], "val_fraction": 0.1},
+    }
+    return DatasetVersion(**{**fields, **overrides})
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """The environment a CLI subprocess runs in: this store's home, no progress bars, a wide terminal."""
+    env = {**os.environ, "AIFAB_HOME": str(home), "AIFAB_NO_PROGRESS": "1", "COLUMNS": "200"}
+    env.pop("AIFAB_DB", None)
+    return env
+
+
+def aifab(*args: str, home: Path, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real `aifab` command in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "aifab", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(home),
+        cwd=cwd,
+        timeout=timeout,
+    )

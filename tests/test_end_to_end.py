@@ -1,17 +1,17 @@
 """The whole line on a tiny corpus through the real CLI, then the model served by `aifab serve` over HTTP."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from helpers import write_corpus
+from helpers import aifab, cli_env, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +34,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_demo_then_serve(tmp_path: Path) -> None:
+def run_demo(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`aifab demo --config factory.yaml --json ARGS` on the tiny corpus; the report is its last line."""
     write_corpus(tmp_path / "corpus")
     (tmp_path / "factory.yaml").write_text(SPEC)
-    env = {**os.environ, "AIFAB_HOME": str(tmp_path / "home"), "AIFAB_NO_PROGRESS": "1", "COLUMNS": "200"}
-    env.pop("AIFAB_DB", None)
-    demo = subprocess.run(
-        [sys.executable, "-m", "aifab", "demo", "--config", "factory.yaml", "--json"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    demo = aifab("demo", "--config", "factory.yaml", "--json", *args, home=tmp_path / "home", cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
-    report = json.loads(demo.stdout.strip().splitlines()[-1])
+    return demo, json.loads(demo.stdout.strip().splitlines()[-1])
+
+
+def test_demo_then_serve(tmp_path: Path) -> None:
+    demo, report = run_demo(tmp_path)
     assert report["data"]["files"] == 15 and report["data"]["bytes"] > 10_000 and report["data"]["tokens"] > 1000
     assert report["model"]["params"] > 10_000 and report["model"]["ref"] == "demo:1"
     assert report["train"]["tokens_per_s"] > 0 and report["train"]["steps"] == 60
@@ -59,8 +59,10 @@ def test_demo_then_serve(tmp_path: Path) -> None:
     with log.open("w") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "aifab", "serve", "demo@latest", "--port", str(port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=log_file,
-        )  # fmt: skip
+            env=cli_env(tmp_path / "home"),
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -94,19 +96,8 @@ def test_demo_then_serve(tmp_path: Path) -> None:
 
 def test_demo_without_serving_on_a_time_budget(tmp_path: Path) -> None:
     """--no-serve skips the server and prints the command that starts one; --train-seconds overrides the spec."""
-    write_corpus(tmp_path / "corpus")
-    (tmp_path / "factory.yaml").write_text(SPEC)
-    env = {**os.environ, "AIFAB_HOME": str(tmp_path / "home"), "AIFAB_NO_PROGRESS": "1", "COLUMNS": "200"}
-    env.pop("AIFAB_DB", None)
-    demo = subprocess.run(
-        [sys.executable, "-m", "aifab", "demo", "--config", "factory.yaml", "--no-serve", "--train-seconds", "1",
-         "--json"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert demo.returncode == 0, demo.stderr
-    report = json.loads(demo.stdout.strip().splitlines()[-1])
+    demo, report = run_demo(tmp_path, "--no-serve", "--train-seconds", "1")
     assert "requests" not in report["serving"]
-    show = subprocess.run([sys.executable, "-m", "aifab", "runs", "show", report["train"]["run_id"], "--json"],
-                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    show = aifab("runs", "show", report["train"]["run_id"], "--json", home=tmp_path / "home")
     assert json.loads(show.stdout)["params"]["training"]["seconds"] == 1.0
     assert "serve it: aifab --home" in demo.stdout

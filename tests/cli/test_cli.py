@@ -1,23 +1,15 @@
 """The command line as a user meets it: real processes, one-line errors, exit codes, no tracebacks."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from aifab.store import Store
-
-
-def aifab(*args: str, home: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AIFAB_HOME": str(home), "AIFAB_NO_PROGRESS": "1", "COLUMNS": "200"}
-    env.pop("AIFAB_DB", None)
-    return subprocess.run([sys.executable, "-m", "aifab", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=120)  # fmt: skip
+from helpers import aifab
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -6,6 +6,7 @@ from aifab.registry.models import aliases_of, list_versions, register, resolve, 
 from aifab.store import Store
 from aifab.store.lineage import upstream
 from aifab.store.schema import LineageEdge
+from helpers import dataset_row
 
 
 def _register(store: Store, name: str = "m", **kw: object) -> int:
@@ -60,22 +61,10 @@ def test_registering_weights_not_in_the_store_fails_and_stores_nothing(store: St
 
 
 def test_lineage_links_the_model_to_its_run_and_dataset(store: Store) -> None:
-    from aifab.store.schema import DatasetVersion, Run
+    from aifab.store.schema import Run
 
     with store.db.session() as s:
-        ds = DatasetVersion(
-            name="d",
-            version=1,
-            manifest_digest="a" * 64,
-            tokenizer_digest="b" * 64,
-            files=1,
-            bytes=1,
-            documents=1,
-            tokens=1,
-            train_tokens=1,
-            val_tokens=0,
-            params={},
-        )
+        ds = dataset_row(name="d")
         s.add(ds)
         s.add(Run(id="run1", kind="train", status="completed", params={}, summary={}))
         s.flush()

@@ -14,25 +14,9 @@ from aifab.errors import StoreError
 from aifab.store import Store
 from aifab.store.db import SQLITE_BUSY_TIMEOUT_MS, Database, _redact, table_names
 from aifab.store.schema import Base, DatasetVersion, Run, RunMetric
+from helpers import dataset_row
 
 TABLES = {"dataset_versions", "runs", "run_metrics", "model_versions", "model_aliases", "lineage_edges", "ledger"}
-
-
-def _dataset(name: str = "d", version: int = 1, **kw: object) -> DatasetVersion:
-    fields: dict[str, object] = dict(
-        name=name,
-        version=version,
-        manifest_digest="a" * 64,
-        tokenizer_digest="b" * 64,
-        files=1,
-        bytes=10,
-        documents=1,
-        tokens=5,
-        train_tokens=4,
-        val_tokens=1,
-    )
-    fields.update(kw)
-    return DatasetVersion(**fields)
 
 
 def _pragma(db: Database, name: str) -> object:
@@ -93,7 +77,7 @@ def test_reopen_keeps_data_and_does_not_migrate_again(tmp_path: Path, monkeypatc
     home = tmp_path / "home"
     first = Store(home)
     with first.db.session() as s:
-        s.add(_dataset())
+        s.add(dataset_row(name="d"))
         s.add(Run(id="r1", kind="train", status="completed", params={"lr": 0.1}))
         s.add(RunMetric(run_id="r1", step=1, key="loss", value=2.5, elapsed_s=0.1))
     first.close()
@@ -154,15 +138,15 @@ def test_delete_run_cascades_to_metrics(store: Store) -> None:
 
 def test_unique_dataset_name_version(store: Store) -> None:
     with store.db.session() as s:
-        s.add(_dataset("d", 1))
+        s.add(dataset_row(name="d", version=1))
     with pytest.raises(IntegrityError), store.db.session() as s:
-        s.add(_dataset("d", 1))
+        s.add(dataset_row(name="d", version=1))
 
 
 def test_counts_beyond_32_bits_round_trip(store: Store) -> None:
     big = 10_000_000_000  # a 10B-token dataset
     with store.db.session() as s:
-        s.add(_dataset(bytes=4 * big, tokens=big, train_tokens=big - 1))
+        s.add(dataset_row(bytes=4 * big, tokens=big, train_tokens=big - 1))
     with store.db.session() as s:
         ds = s.scalars(select(DatasetVersion)).one()
         assert (ds.bytes, ds.tokens, ds.train_tokens) == (4 * big, big, big - 1)

@@ -28,6 +28,7 @@ from aifab.store.schema import (
     Run,
     RunMetric,
 )
+from helpers import dataset_row
 
 PG_URL = os.environ.get("AIFAB_TEST_PG_URL")
 
@@ -61,24 +62,6 @@ def pg(pg_url: str) -> Iterator[Database]:
     db.close()
 
 
-def _dataset(**kw: object) -> DatasetVersion:
-    fields: dict[str, object] = dict(
-        name="corpus",
-        version=1,
-        manifest_digest="a" * 64,
-        tokenizer_digest="b" * 64,
-        files=3,
-        bytes=1000,
-        documents=10,
-        tokens=500,
-        train_tokens=450,
-        val_tokens=50,
-        params={"extensions": [".py"], "val_fraction": 0.1},
-    )
-    fields.update(kw)
-    return DatasetVersion(**fields)
-
-
 def test_dialect_is_postgresql(pg: Database) -> None:
     assert pg.engine.dialect.name == "postgresql"
 
@@ -110,7 +93,7 @@ def test_reopen_does_not_migrate_again(pg_url: str, monkeypatch: pytest.MonkeyPa
 def test_round_trip_dataset_run_metrics_model(pg: Database) -> None:
     started = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     with pg.session() as s:
-        ds = _dataset()
+        ds = dataset_row()
         s.add(ds)
         s.flush()
         s.add(
@@ -179,9 +162,9 @@ def test_foreign_keys_and_cascade(pg: Database) -> None:
 
 def test_unique_name_version(pg: Database) -> None:
     with pg.session() as s:
-        s.add(_dataset())
+        s.add(dataset_row())
     with pytest.raises(IntegrityError), pg.session() as s:
-        s.add(_dataset())
+        s.add(dataset_row())
 
 
 def test_ledger_round_trip(pg: Database) -> None:
@@ -210,7 +193,7 @@ def test_ledger_round_trip(pg: Database) -> None:
 def test_counts_beyond_32_bits(pg: Database) -> None:
     big = 10_000_000_000
     with pg.session() as s:
-        s.add(_dataset(bytes=4 * big, tokens=big, train_tokens=big - 1))
+        s.add(dataset_row(bytes=4 * big, tokens=big, train_tokens=big - 1))
     with pg.session() as s:
         assert s.scalars(select(DatasetVersion)).one().tokens == big
 
