@@ -35,10 +35,16 @@ class DataSpec(_Section):
         default_factory=list,
         description="Directories, files or globs to ingest. Empty means the Python standard library's source.",
     )
-    extensions: list[str] = Field(default_factory=lambda: [".py", ".md", ".txt", ".jsonl"])
+    # Suffixes to read; each also matches its .gz and .zst compressed variants (e.g. data.jsonl.zst).
+    extensions: list[str] = Field(default_factory=lambda: [".py", ".md", ".txt", ".jsonl", ".csv", ".parquet"])
     jsonl_text_field: str = Field(default="text", min_length=1)
+    csv_column: str = Field(default="text", min_length=1)
+    parquet_column: str = Field(default="text", min_length=1)
+    skip_bad: bool = Field(default=False, description="Skip and count malformed records instead of failing.")
+    max_line_bytes: int = Field(default=1 << 20, gt=0, description="Files with a longer line are skipped.")
     val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     max_bytes: int | None = Field(default=None, gt=0, description="Stop reading after this many bytes.")
+    curation: "CurationSpec" = Field(default_factory=lambda: CurationSpec())
 
     @field_validator("extensions")
     @classmethod
@@ -47,6 +53,29 @@ class DataSpec(_Section):
             if not ext.startswith(".") or len(ext) < 2:
                 raise ValueError(f"extension {ext!r} must look like '.py'")
         return exts
+
+
+class CurationSpec(_Section):
+    """Curation stages, in the order they run. Each can be switched off; each reports its own counts."""
+
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    min_chars: int = Field(default=16, ge=0, description="Shorter documents are dropped.")
+    max_chars: int = Field(default=2_000_000, gt=0, description="Longer documents are dropped.")
+    max_symbol_ratio: float = Field(
+        default=0.6, gt=0, le=1.0, description="Share of chars that are not letters, digits or whitespace."
+    )
+    max_repeated_line_ratio: float = Field(
+        default=0.6,
+        gt=0,
+        le=1.0,
+        description="Share of non-blank lines that repeat an earlier line of the same document.",
+    )
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    near_dedup_threshold: float = Field(default=0.8, gt=0, lt=1.0, description="Estimated Jaccard similarity.")
+    minhash_perms: int = Field(default=128, ge=16, le=1024)
+    shingle_words: int = Field(default=5, ge=1, le=32)
+    pii: bool = True
 
 
 def resolve_source(source: str, base: Path) -> str:
@@ -211,13 +240,36 @@ data:
   # Directories, files or globs ('**' recurses). Relative paths are relative to this file.
   # Empty means the Python standard library's own source on this machine.
   sources: []
-  # Files with these suffixes are read; .jsonl files contribute the string in jsonl_text_field.
-  extensions: [.py, .md, .txt, .jsonl]
+  # Files with these suffixes are read, and their .gz and .zst compressed variants. A .jsonl line,
+  # a .csv row or a .parquet row is one document, taken from the field or column named below.
+  extensions: [.py, .md, .txt, .jsonl, .csv, .parquet]
   jsonl_text_field: text
+  csv_column: text
+  parquet_column: text
+  # A malformed record or a missing field is an error naming file and line, unless skip_bad is true
+  # (then it is skipped and counted). Files with a line longer than max_line_bytes are skipped.
+  skip_bad: false
+  max_line_bytes: 1048576
   # Share of documents held out for validation.
   val_fraction: 0.05
   # Stop reading after this many bytes (null: read everything).
   max_bytes: null
+  curation:
+    # Unicode normalisation: NFC, NFKC or none.
+    normalize: NFC
+    # Filters: document length in characters, share of symbol characters, share of repeated lines.
+    min_chars: 16
+    max_chars: 2000000
+    max_symbol_ratio: 0.6
+    max_repeated_line_ratio: 0.6
+    # Exact duplicates by content hash; near duplicates by MinHash LSH over word shingles.
+    exact_dedup: true
+    near_dedup: true
+    near_dedup_threshold: 0.8
+    minhash_perms: 128
+    shingle_words: 5
+    # Redact emails, IP addresses, API keys and private-key blocks.
+    pii: true
 
 tokenizer:
   # Byte-level BPE trained on the corpus with Hugging Face tokenizers.

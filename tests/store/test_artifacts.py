@@ -326,3 +326,17 @@ def test_put_writes_through_tmp_then_renames(arts: ArtifactStore, monkeypatch: p
     src, dst = seen[0]
     assert src.parent == arts.tmp
     assert dst == arts.path(key)
+
+
+def test_clean_stale_tmp_removes_only_files_of_dead_processes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (store.tmp / f"put-{dead_pid}-abc").write_bytes(b"half")
+    (store.tmp / f"shard-{os.getpid()}-def").write_bytes(b"mine, still being written")
+    (store.tmp / "unrelated").write_bytes(b"not ours to judge")
+    assert store.clean_stale_tmp() == 1
+    assert sorted(p.name for p in store.tmp.iterdir()) == sorted([f"shard-{os.getpid()}-def", "unrelated"])

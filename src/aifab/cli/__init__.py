@@ -7,11 +7,11 @@ import sys
 
 import typer
 
-from aifab.cli import demo, serve, store_views
+from aifab.cli import data, demo, serve, store_views
 from aifab.cli.common import app
 from aifab.errors import AifabError
 
-__all__ = ["app", "demo", "main", "serve", "store_views"]
+__all__ = ["app", "data", "demo", "main", "serve", "store_views"]
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from aifab.cli.common import app, open_store, out
 from aifab.errors import NotFound
 from aifab.store.lineage import upstream
-from aifab.store.schema import DatasetVersion, Run, RunMetric
+from aifab.store.schema import Run, RunMetric
 
 models_app = typer.Typer(help="Registered model versions.", no_args_is_help=False)
 runs_app = typer.Typer(help="Training and evaluation runs.", no_args_is_help=False)
@@ -47,27 +47,6 @@ def alias(ref: str = typer.Argument(..., help="name:VERSION"), alias: str = type
 
     mv = set_alias(open_store(), ref, alias)
     out.print(f"{mv.name}@{alias} -> {mv.name}:{mv.version}")
-
-
-@app.command()
-def datasets(name: str | None = typer.Argument(None)) -> None:
-    """List dataset versions with their counts."""
-    store = open_store()
-    table = Table("dataset", "files", "MB", "documents", "tokens", "train", "val", "created")
-    with store.db.session() as s:
-        q = select(DatasetVersion).order_by(DatasetVersion.name, DatasetVersion.version)
-        for d in s.scalars(q if name is None else q.where(DatasetVersion.name == name)):
-            table.add_row(
-                f"{d.name}:{d.version}",
-                f"{d.files:,}",
-                f"{d.bytes / 1e6:,.1f}",
-                f"{d.documents:,}",
-                f"{d.tokens:,}",
-                f"{d.train_tokens:,}",
-                f"{d.val_tokens:,}",
-                f"{d.created_at:%Y-%m-%d %H:%M}",
-            )
-    out.print(table)
 
 
 @runs_app.callback(invoke_without_command=True)

@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ class ShardWriter:
         arr = np.asarray(ids, dtype=self.dtype)
         while len(arr):
             if self._file is None:
-                fd, self._path = tempfile.mkstemp(dir=self.store.tmp, prefix="shard-")
+                fd, self._path = self.store.temp_file("shard")
                 self._file = os.fdopen(fd, "wb")
                 self._count = 0
             take = min(len(arr), self.shard_tokens - self._count)
@@ -83,31 +82,30 @@ class ShardWriter:
         return self.shards
 
 
-def assign_splits(texts: list[str], val_fraction: float) -> list[str]:
-    """ "train" or "val" per document. Tiny corpora can hash every document into one split; then the last
-    document moves to the other, so both splits exist."""
-    splits = ["val" if is_val(t, val_fraction) else "train" for t in texts]
-    if len(set(splits)) == 1 and len(splits) > 1:
-        splits[-1] = "train" if splits[-1] == "val" else "val"
-    return splits
+def split_of(text: str, val_fraction: float) -> str:
+    return "val" if is_val(text, val_fraction) else "train"
 
 
-def encode_documents(
+def encode_to_shards(
     tok: Any,
-    texts: list[str],
-    splits: list[str],
+    batches: Iterable[list[str]],
+    splits: Callable[[int, str], str],
     writers: dict[str, ShardWriter],
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> dict[str, int]:
-    """Encode documents in parallel batches, each followed by EOT, into the writer of its split."""
+    """Encode batches of documents (encode_batch runs on every core), each followed by EOT, into the writer
+    of its split, `splits(document_index, text)`. Streams: memory holds one batch of text and ids."""
     eot = tok.token_to_id(EOT)
     counts = {"train": 0, "val": 0}
-    for i in range(0, len(texts), ENCODE_BATCH):
-        batch = texts[i : i + ENCODE_BATCH]
-        encodings = tok.encode_batch(batch)
-        for split, enc in zip(splits[i : i + ENCODE_BATCH], encodings, strict=True):
-            ids = [*enc.ids, eot]
+    index = 0
+    for texts in batches:
+        # encode_batch_fast skips character offsets, which shards do not need: ~1.7x faster than encode_batch
+        for text, enc in zip(texts, tok.encode_batch_fast(texts), strict=True):
+            split = splits(index, text)
+            ids = enc.ids
+            ids.append(eot)
             writers[split].write(ids)
             counts[split] += len(ids)
-        on_batch(len(batch))
+            index += 1
+        on_batch(len(texts))
     return counts

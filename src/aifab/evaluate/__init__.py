@@ -42,11 +42,10 @@ def evaluate(
     shards = TokenShards(store.artifacts, manifest_digest)
     T = model.config.context_len
     shards.check_fits(T)
-    rng = np.random.default_rng(seed + 2)
+    loader = shards.loader("val", batch_size, T, seed=seed + 2)
     losses = []
     with torch.inference_mode():
-        for _ in range(batches):
-            x, y = shards.batch("val", batch_size, T, rng)
+        for x, y in (loader.batch_at(k) for k in range(batches)):
             losses.append(model(torch.from_numpy(x), torch.from_numpy(y))[1].item())
     val_loss = float(np.mean(losses))
 

@@ -28,6 +28,16 @@ def check_key(key: object) -> str:
     return key
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -69,7 +79,7 @@ class ArtifactStore:
     def put_chunks(self, chunks: Iterable[bytes]) -> str:
         """Write the concatenation of `chunks` atomically and return its sha256 key."""
         h = hashlib.sha256()
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="put-")
+        fd, tmp_name = self.temp_file("put")
         try:
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
@@ -89,6 +99,22 @@ class ArtifactStore:
         finally:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
+
+    def temp_file(self, kind: str) -> tuple[int, str]:
+        """An open (fd, path) in `root/tmp`, named after this process so a crashed writer's leftovers can be
+        told apart from a live writer's files (see `clean_stale_tmp`)."""
+        return tempfile.mkstemp(dir=self.tmp, prefix=f"{kind}-{os.getpid()}-")
+
+    def clean_stale_tmp(self) -> int:
+        """Delete temp files left by processes that no longer run (a killed ingest or put); return the count."""
+        removed = 0
+        for path in self.tmp.iterdir():
+            parts = path.name.split("-")
+            if len(parts) < 3 or not parts[1].isdigit() or _alive(int(parts[1])):
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     # ---- reading ----------------------------------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes:

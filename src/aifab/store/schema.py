@@ -49,7 +49,10 @@ class Base(DeclarativeBase):
 
 
 class DatasetVersion(Base):
-    """One tokenized version of a named dataset: the manifest artifact points at its shards and tokenizer."""
+    """One tokenized version of a named dataset: the manifest artifact points at its shards and tokenizer.
+
+    A row is inserted only once every artifact it names is stored, in one transaction, so a run that dies
+    midway leaves no visible version."""
 
     __tablename__ = "dataset_versions"
     __table_args__ = (UniqueConstraint("name", "version"),)
@@ -67,6 +70,12 @@ class DatasetVersion(Base):
     train_tokens: Mapped[int] = mapped_column(BigInteger)
     val_tokens: Mapped[int] = mapped_column(BigInteger)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # added in 0002: increments, curation report, the curated documents and the per-file index
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
+    engine: Mapped[str | None] = mapped_column(String(16))
+    curated_digest: Mapped[str | None] = mapped_column(String(64))  # Parquet: text + provenance columns
+    index_digest: Mapped[str | None] = mapped_column(String(64))  # JSON: source file -> sha256, part, counts
+    stages: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per-stage docs in/out, bytes removed, reasons
 
 
 class Run(Base):

@@ -71,18 +71,71 @@ class TokenShards:
                     f"it needs at least {context_len + 1} for context length {context_len}"
                 )
 
-    def batch(
-        self, split: str, batch_size: int, context_len: int, rng: np.random.Generator
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """`batch_size` random windows: inputs x and next-token targets y, each (B, T) int64."""
-        arrays = [a for a in self.arrays[split] if len(a) > context_len]
-        sizes = np.array([len(a) - context_len for a in arrays], dtype=np.float64)
-        which = rng.choice(len(arrays), size=batch_size, p=sizes / sizes.sum())
-        x = np.empty((batch_size, context_len), dtype=np.int64)
-        y = np.empty((batch_size, context_len), dtype=np.int64)
-        for row, shard in enumerate(which):
-            arr = arrays[shard]
-            start = int(rng.integers(0, len(arr) - context_len))
-            window = arr[start : start + context_len + 1].astype(np.int64)
+    def loader(self, split: str, batch_size: int, context_len: int, **kw: Any) -> "BatchLoader":
+        return BatchLoader(self, split, batch_size, context_len, **kw)
+
+
+class BatchLoader:
+    """(x, y) batches of `batch_size` windows from one split: inputs and next-token targets, each (B, T) int64.
+
+    Batch k is a pure function of (seed, k): `batch_at(k)` gives the same batch whether the loader iterated
+    there from 0 or started at `position=k`, so a resumed trainer sees exactly the batches it would have seen.
+    - order="random": windows at random offsets, shards weighted by size, drawn from a generator seeded by
+      (seed, k).
+    - order="sequential": consecutive non-overlapping windows through the shards in order, wrapping around
+      (a full pass over the split when iterated from 0).
+    """
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        split: str,
+        batch_size: int,
+        context_len: int,
+        *,
+        seed: int = 0,
+        order: str = "random",
+        position: int = 0,
+    ) -> None:
+        if order not in ("random", "sequential"):
+            raise ValueError(f"order must be 'random' or 'sequential', got {order!r}")
+        self.arrays = [a for a in shards.arrays.get(split, []) if len(a) > context_len]
+        if not self.arrays:
+            raise ArtifactError(f"the {split} split has no shard longer than the context ({context_len} tokens)")
+        self.split, self.B, self.T = split, batch_size, context_len
+        self.seed, self.order, self.position = seed, order, position
+        sizes = np.array([len(a) - context_len for a in self.arrays], dtype=np.float64)
+        self._weights = sizes / sizes.sum()
+        # sequential: window w of shard s starts at w*T; cumulative counts map a global window to its shard
+        self._windows = np.array([(len(a) - 1) // context_len for a in self.arrays], dtype=np.int64)
+        self._first = np.concatenate([[0], np.cumsum(self._windows)])
+
+    @property
+    def windows(self) -> int:
+        """Non-overlapping windows in one sequential pass."""
+        return int(self._first[-1])
+
+    def __iter__(self) -> "BatchLoader":
+        return self
+
+    def __next__(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        batch = self.batch_at(self.position)
+        self.position += 1
+        return batch
+
+    def batch_at(self, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        B, T = self.B, self.T
+        if self.order == "random":
+            rng = np.random.default_rng((self.seed, k))
+            which = rng.choice(len(self.arrays), size=B, p=self._weights)
+            starts = [int(rng.integers(0, len(self.arrays[s]) - T)) for s in which]
+        else:
+            globals_ = (k * B + np.arange(B)) % self.windows
+            which = np.searchsorted(self._first, globals_, side="right") - 1
+            starts = [int(g - self._first[s]) * T for g, s in zip(globals_, which, strict=True)]
+        x = np.empty((B, T), dtype=np.int64)
+        y = np.empty((B, T), dtype=np.int64)
+        for row, (shard, start) in enumerate(zip(which, starts, strict=True)):
+            window = self.arrays[shard][start : start + T + 1].astype(np.int64)
             x[row], y[row] = window[:-1], window[1:]
         return x, y

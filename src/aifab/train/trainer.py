@@ -150,10 +150,11 @@ def _loop(
     from rich.progress import TextColumn
 
     T, B = model.config.context_len, cfg.batch_size
-    rng = np.random.default_rng(cfg.seed)
+    # batch k of the run is a pure function of (seed, k): the data order is reproducible and resumable
+    batches = shards.loader("train", B, T, seed=cfg.seed)
     # fixed validation batches, so every evaluation measures the same tokens
-    val_rng = np.random.default_rng(cfg.seed + 1)
-    val_batches = [shards.batch("val", B, T, val_rng) for _ in range(cfg.eval_batches)]
+    val_loader = shards.loader("val", B, T, seed=cfg.seed + 1)
+    val_batches = [val_loader.batch_at(i) for i in range(cfg.eval_batches)]
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
 
     @torch.no_grad()
@@ -215,7 +216,7 @@ def _loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ts = time.perf_counter()
-            x, y = shards.batch("train", B, T, rng)
+            x, y = batches.batch_at(step)
             _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

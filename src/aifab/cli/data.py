@@ -1,0 +1,191 @@
+"""`aifab ingest`, `aifab datasets [NAME]`, `aifab datasets show|export`: the data line from the shell."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+from sqlalchemy import select
+from typer.core import TyperGroup
+
+from aifab.cli.common import app, open_store, out
+from aifab.errors import AifabError, DataError, NotFound
+from aifab.spec import FactorySpec, load_spec, resolve_source
+from aifab.store import Store
+from aifab.store.names import check_name
+from aifab.store.schema import DatasetVersion
+
+
+class _NameOrCommand(TyperGroup):
+    """`aifab datasets NAME` lists one dataset, while `aifab datasets export ...` runs a subcommand."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            ctx.meta["aifab.dataset_name"] = args[0]
+            args = args[1:]
+        return super().parse_args(ctx, args)
+
+
+datasets_app = typer.Typer(cls=_NameOrCommand, help="Dataset versions: list, show, export.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@app.command()
+def ingest(
+    paths: list[str] = typer.Argument(
+        ..., help="Directories, files or globs (.py .md .txt .jsonl .csv .parquet, optionally .gz or .zst)."
+    ),
+    name: str = typer.Option(..., "--name", "-n", help="Dataset name; each run adds a version."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="A factory.yaml for data/tokenizer settings."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count malformed records instead of failing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on the last line."),
+) -> None:
+    """Read, curate, deduplicate and tokenize PATHS into a new version of dataset NAME."""
+    from aifab.data.line import ingest as run_ingest
+
+    check_name(name, "dataset name")
+    spec = load_spec(config) if config is not None else FactorySpec()
+    sources = []
+    for p in paths:
+        try:
+            sources.append(resolve_source(p, Path.cwd()))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    data = spec.data.model_copy(update={"sources": sources, "skip_bad": skip_bad or spec.data.skip_bad})
+    result = run_ingest(open_store(), name, data, spec.tokenizer)
+    parent = f" (parent {name}:{result.parent_version})" if result.parent_version else ""
+    out.print(
+        f"[bold]{name}:{result.version}[/bold]{parent}: {result.files:,} files ({result.processed_files:,} "
+        f"processed, {result.reused_files:,} reused), {result.documents:,} documents, {result.tokens:,} tokens "
+        f"in {result.elapsed_s:.1f} s"
+    )
+    out.print(stage_table(result.stages))
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(result)))
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context) -> None:
+    """List dataset versions with their counts (`aifab datasets NAME` for one dataset)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    name = ctx.meta.get("aifab.dataset_name")
+    store = open_store()
+    table = Table("dataset", "parent", "files", "MB", "documents", "tokens", "train", "val", "created")
+    with store.db.session() as s:
+        q = select(DatasetVersion).order_by(DatasetVersion.name, DatasetVersion.version)
+        rows = list(s.scalars(q if name is None else q.where(DatasetVersion.name == name)))
+        parents = {r.id: f"{r.name}:{r.version}" for r in s.scalars(select(DatasetVersion))}
+    if name is not None and not rows:
+        raise NotFound(f"unknown dataset {name!r} (see `aifab datasets`)")
+    for d in rows:
+        table.add_row(
+            f"{d.name}:{d.version}",
+            parents.get(d.parent_id or -1, "-"),
+            f"{d.files:,}",
+            f"{d.bytes / 1e6:,.1f}",
+            f"{d.documents:,}",
+            f"{d.tokens:,}",
+            f"{d.train_tokens:,}",
+            f"{d.val_tokens:,}",
+            f"{d.created_at:%Y-%m-%d %H:%M}",
+        )
+    out.print(table)
+
+
+@datasets_app.command("show")
+def show(
+    ref: str = typer.Argument(..., help="NAME or NAME:VERSION"), as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """One dataset version with its per-stage curation report."""
+    d = resolve_dataset(open_store(), ref)
+    body = {
+        "name": d.name,
+        "version": d.version,
+        "files": d.files,
+        "bytes": d.bytes,
+        "documents": d.documents,
+        "tokens": d.tokens,
+        "train_tokens": d.train_tokens,
+        "val_tokens": d.val_tokens,
+        "manifest_digest": d.manifest_digest,
+        "tokenizer_digest": d.tokenizer_digest,
+        "curated_digest": d.curated_digest,
+        "stages": d.stages or {},
+        "created_at": str(d.created_at),
+    }
+    if as_json:
+        print(json.dumps(body))
+        return
+    out.print(f"[bold]{d.name}:{d.version}[/bold]: {d.files:,} files, {d.documents:,} documents, {d.tokens:,} tokens")
+    out.print(stage_table(d.stages or {}))
+
+
+@datasets_app.command("export")
+def export(
+    ref: str = typer.Argument(..., help="NAME or NAME:VERSION"),
+    dest: Path = typer.Argument(..., help="Output .jsonl file (one curated document per line, with provenance)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a version's curated documents as JSONL: text, source, offset, source_sha256."""
+    from aifab.data.parts import iter_docs
+
+    store = open_store()
+    d = resolve_dataset(store, ref)
+    if d.curated_digest is None:
+        raise AifabError(f"{d.name}:{d.version} was made before curated documents were stored; re-ingest it")
+    if dest.exists() and not force:
+        raise AifabError(f"{dest} already exists; pass --force to overwrite it")
+    tmp = dest.with_name(f".{dest.name}.partial")
+    n = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for doc in iter_docs(store.artifacts, d.curated_digest):
+                f.write(
+                    json.dumps(
+                        {
+                            "text": doc.text,
+                            "source": doc.source,
+                            "offset": doc.offset,
+                            "source_sha256": doc.source_sha256,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+                n += 1
+        tmp.replace(dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise AifabError(f"cannot write {dest}: {e.strerror}") from None
+    out.print(f"wrote {n:,} documents of {d.name}:{d.version} to {dest}")
+
+
+def resolve_dataset(store: Store, ref: str) -> DatasetVersion:
+    name, _, version = ref.partition(":")
+    check_name(name, "dataset name")
+    if version and not (version.isascii() and version.isdigit()):
+        raise AifabError(f"invalid dataset version in {ref!r}: expected a positive integer after ':'")
+    with store.db.session() as s:
+        q = select(DatasetVersion).where(DatasetVersion.name == name)
+        q = q.where(DatasetVersion.version == int(version)) if version else q
+        row = s.scalars(q.order_by(DatasetVersion.version.desc()).limit(1)).first()
+    if row is None:
+        raise NotFound(f"unknown dataset {ref!r} (see `aifab datasets`)")
+    return row
+
+
+def stage_table(stages: dict[str, Any]) -> Table:
+    table = Table("stage", "docs in", "docs out", "bytes removed", "reasons")
+    read = stages.get("read")
+    if read:
+        skipped = ", ".join(f"{r} {n:,}" for r, n in sorted(read["skipped"].items())) or "-"
+        table.add_row("read", f"{read['files']:,} files", f"{read['documents']:,}", "-", f"skipped: {skipped}")
+    for name, c in stages.items():
+        if name != "read":
+            reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(c["reasons"].items())) or "-"
+            table.add_row(name, f"{c['docs_in']:,}", f"{c['docs_out']:,}", f"{c['bytes_removed']:,}", reasons)
+    return table

@@ -1,0 +1,90 @@
+"""Engines that run the per-file step of the data line (`curate_file`) over many files.
+
+Every engine returns the same entries in the same (input) order, so the corpus-wide steps that follow, and
+therefore the manifest, do not depend on the engine:
+- "local": in this process for a few files, else in a pool of worker processes (one per core).
+- "ray": as a Ray Data `map` over the file list, on the cluster `ray.init()` connects to. Workers write
+  parts to the same artifact store, so on several nodes the store's home must be on a shared filesystem.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from multiprocessing import get_context
+from typing import Any
+
+from aifab.data.sources import SourceOptions
+from aifab.errors import DataError
+from aifab.spec import CurationSpec
+
+ENGINES = ("local", "ray")
+POOL_MIN_FILES = 64  # below this, starting worker processes costs more than it saves
+
+
+def curate_files(
+    paths: list[str],
+    opts: SourceOptions,
+    curation: CurationSpec,
+    artifacts_root: str,
+    engine: str = "local",
+    on_done: Callable[[int], None] = lambda n: None,
+) -> list[dict[str, Any]]:
+    """`curate_file` for every path, results in the order of `paths`."""
+    if engine == "local":
+        return _local(paths, opts, curation, artifacts_root, on_done)
+    if engine == "ray":
+        return _ray(paths, opts, curation, artifacts_root, on_done)
+    raise DataError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+
+
+def _one(args: tuple[str, SourceOptions, CurationSpec, str]) -> dict[str, Any]:
+    from aifab.data.line import curate_file
+    from aifab.store.artifacts import ArtifactStore
+
+    path, opts, curation, root = args
+    return curate_file(path, opts, curation, ArtifactStore(root))
+
+
+def _local(
+    paths: list[str], opts: SourceOptions, curation: CurationSpec, root: str, on_done: Callable[[int], None]
+) -> list[dict[str, Any]]:
+    jobs = [(p, opts, curation, root) for p in paths]
+    workers = min(os.cpu_count() or 1, len(paths))
+    out = []
+    if workers < 2 or len(paths) < POOL_MIN_FILES:
+        for job in jobs:
+            out.append(_one(job))
+            on_done(1)
+        return out
+    # fork, so library callers need no `if __name__ == "__main__"` guard; the pool is made before the caller's
+    # progress bar starts its refresh thread (see ingest), and the workers use no inherited threads or sockets
+    with get_context("fork").Pool(workers) as pool:
+        for entry in pool.imap(_one, jobs, chunksize=8):
+            out.append(entry)
+            on_done(1)
+    return out
+
+
+def _ray(
+    paths: list[str], opts: SourceOptions, curation: CurationSpec, root: str, on_done: Callable[[int], None]
+) -> list[dict[str, Any]]:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise DataError("--engine ray needs Ray: pip install 'aifab[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # entries must come back in input order
+    ctx.enable_progress_bars = False
+
+    def map_row(row: dict[str, Any]) -> dict[str, Any]:
+        entry = _one((row["path"], opts, curation, root))
+        return {"i": row["i"], "entry": json.dumps(entry)}
+
+    items = [{"i": i, "path": p} for i, p in enumerate(paths)]
+    rows = ray.data.from_items(items).map(map_row).take_all()
+    rows.sort(key=lambda r: int(r["i"]))
+    on_done(len(rows))
+    return [json.loads(r["entry"]) for r in rows]
