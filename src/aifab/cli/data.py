@@ -20,7 +20,7 @@ from aifab.store.schema import DatasetVersion
 class _NameOrCommand(TyperGroup):
     """`aifab datasets NAME` lists one dataset, while `aifab datasets export ...` runs a subcommand."""
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
         if args and not args[0].startswith("-") and args[0] not in self.commands:
             ctx.meta["aifab.dataset_name"] = args[0]
             args = args[1:]
@@ -39,6 +39,9 @@ def ingest(
     name: str = typer.Option(..., "--name", "-n", help="Dataset name; each run adds a version."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A factory.yaml for data/tokenizer settings."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count malformed records instead of failing."),
+    engine: str = typer.Option(
+        "local", "--engine", help="local (worker processes) or ray (Ray Data on RAY_ADDRESS, or a local Ray)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on the last line."),
 ) -> None:
     """Read, curate, deduplicate and tokenize PATHS into a new version of dataset NAME."""
@@ -53,7 +56,7 @@ def ingest(
         except ValueError as e:
             raise DataError(str(e)) from None
     data = spec.data.model_copy(update={"sources": sources, "skip_bad": skip_bad or spec.data.skip_bad})
-    result = run_ingest(open_store(), name, data, spec.tokenizer)
+    result = run_ingest(open_store(), name, data, spec.tokenizer, engine=engine)
     parent = f" (parent {name}:{result.parent_version})" if result.parent_version else ""
     out.print(
         f"[bold]{name}:{result.version}[/bold]{parent}: {result.files:,} files ({result.processed_files:,} "
