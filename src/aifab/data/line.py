@@ -3,8 +3,9 @@
 `ingest()` runs it for one named dataset and returns the new version's id and counts; later stages read
 its manifest artifact. Steps, each reported in the version's `stages`:
 
-1. read + curate, per source file (`curate_file`): normalise, filter, redact PII. The result is a Parquet
-   *part* cached by the file's sha256, so re-ingesting a grown corpus reads only new and changed files.
+1. read + curate, per source file (`curate_chunk`): normalise, filter, redact PII, fingerprint. Files are
+   written in chunks to Parquet *parts*; each file's rows are cached by its sha256, so re-ingesting a grown
+   corpus reads only new and changed files.
 2. deduplicate across the corpus in file order (exact, then MinHash LSH) into one curated Parquet file.
 3. tokenizer: trained on the curated text, or the parent version's when its settings are unchanged, so
    token ids stay comparable across versions.
@@ -25,7 +26,7 @@ from sqlalchemy import select
 from aifab.console import progress
 from aifab.data.curate import Curator, Deduplicator, StageCount
 from aifab.data.engines import curate_files
-from aifab.data.parts import DocWriter, iter_batches, iter_docs
+from aifab.data.parts import DocWriter, PartCache, iter_batches
 from aifab.data.sources import ReadStats, SourceOptions, file_sha256, list_files, read_file, stdlib_source
 from aifab.data.tokenize import EOT, ShardWriter, encode_to_shards, split_of, train_tokenizer
 from aifab.errors import DataError
@@ -60,40 +61,52 @@ class IngestResult:
     reused_files: int
     stages: dict[str, Any]
     elapsed_s: float
+    timings_s: dict[str, float]  # wall seconds per step: curate, dedup, tokenizer, tokenize
 
 
-def curate_file(path: str, opts: SourceOptions, curation: CurationSpec, artifacts: ArtifactStore) -> dict[str, Any]:
-    """Read and curate one source file into a Parquet part. Returns its index entry: the part digest (None
-    when nothing survived), read statistics and per-stage counts. Pure in its inputs, so any worker can run it."""
-    stats = ReadStats()
-    curator = Curator(curation)
+def curate_chunk(
+    paths: list[str], opts: SourceOptions, curation: CurationSpec, artifacts: ArtifactStore
+) -> list[dict[str, Any]]:
+    """Read and curate consecutive source files into one Parquet part (one small part per file would cost a
+    Parquet open per file later). Returns one index entry per file: the part digest and the file's row range
+    in it ([start, stop), part None when nothing survived), its read statistics and per-stage counts. Pure in
+    its inputs, so any worker can run it."""
+    # fingerprints for both dedup stages, whatever the spec enables, so a cached part serves any later setting
+    hasher = Deduplicator(curation.model_copy(update={"exact_dedup": True, "near_dedup": True}))
     writer = DocWriter(artifacts, "part")
+    entries: list[dict[str, Any]] = []
     try:
-        for doc in read_file(Path(path), opts, stats):
-            kept = curator.process(doc)
-            if kept is not None:
-                writer.write(kept)
+        for path in paths:
+            stats, curator, start = ReadStats(), Curator(curation), writer.documents
+            for doc in read_file(Path(path), opts, stats):
+                kept = curator.process(doc)
+                if kept is not None:
+                    writer.write(kept, hasher.fingerprint(kept.text))
+            entries.append(
+                {
+                    "rows": [start, writer.documents],
+                    "read": {
+                        "files": stats.files,
+                        "bytes": stats.bytes,
+                        "documents": stats.documents,
+                        "skipped_files": stats.skipped_files,
+                        "skipped": dict(stats.skipped),
+                    },
+                    "stages": {name: asdict(count) for name, count in curator.counts.items()},
+                }
+            )
     except BaseException:
         writer.abort()
         raise
-    return {
-        "part": writer.close(),
-        "read": {
-            "files": stats.files,
-            "bytes": stats.bytes,
-            "documents": stats.documents,
-            "skipped_files": stats.skipped_files,
-            "skipped": dict(stats.skipped),
-        },
-        "stages": {name: asdict(count) for name, count in curator.counts.items()},
-    }
+    part = writer.close()
+    for entry in entries:
+        entry["part"] = part if entry["rows"][1] > entry["rows"][0] else None
+    return entries
 
 
 def curation_key(opts: SourceOptions, curation: CurationSpec) -> str:
     """Hash of every setting that changes a file's part: a part is reused only under the same key."""
-    per_file = curation.model_dump(
-        exclude={"exact_dedup", "near_dedup", "near_dedup_threshold", "minhash_perms", "shingle_words"}
-    )
+    per_file = curation.model_dump(exclude={"exact_dedup", "near_dedup", "near_dedup_threshold"})
     body = json.dumps({"source": asdict(opts), "curation": per_file}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -115,6 +128,15 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
         if index.get("key") == key:
             previous = index["files"]
 
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[step] = now - mark
+        mark = now
+
     # 1. read + curate each file, or reuse its part from the parent version
     selected = _within(files, data.max_bytes)
     shas = {str(p): _sha_or_none(p) for p in selected}
@@ -128,6 +150,8 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
     entries = {p: {"sha256": shas[p], **fresh[p]} if p in fresh else previous[p] for p in shas}
     processed, reused = len(todo), len(shas) - len(todo)
 
+    lap("curate")
+
     # 2. corpus-wide deduplication, in file order, into the curated Parquet file
     dedup = Deduplicator(data.curation)
     writer = DocWriter(store.artifacts, "curated")
@@ -135,10 +159,11 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
     try:
         with progress() as bar:
             task = bar.add_task("deduplicate", total=len(entries))
+            part_rows = PartCache(store.artifacts)
             for entry in entries.values():
                 if entry["part"] is not None:
-                    for doc in iter_docs(store.artifacts, entry["part"]):
-                        if dedup.keep(doc):
+                    for doc, fp in part_rows.rows(entry["part"], *entry["rows"]):
+                        if dedup.keep_fingerprint(fp):
                             writer.write(doc)
                             val_docs += split_of(doc.text, data.val_fraction) == "val"
                 bar.advance(task)
@@ -163,10 +188,14 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
         split = split_of(text, data.val_fraction)
         return split if i != flip else ("train" if split == "val" else "val")
 
+    lap("dedup")
+
     # 3. tokenizer
     tok, tokenizer_digest = _tokenizer(store, parent, tokenizer, curated_digest)
     vocab_size = tok.get_vocab_size()
     dtype = dtype_for(vocab_size)
+
+    lap("tokenizer")
 
     # 4. tokenize, streamed
     shard_writers = {split: ShardWriter(store.artifacts, dtype) for split in ("train", "val")}
@@ -183,6 +212,8 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
     )
     manifest_digest = store.artifacts.put_bytes(manifest.to_json())
     index_digest = store.artifacts.put_bytes(json.dumps({"key": key, "files": entries}, sort_keys=True).encode())
+
+    lap("tokenize")
 
     # 5. the version becomes visible in one transaction
     read = stages["read"]
@@ -226,6 +257,7 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
         reused_files=reused,
         stages=stages,
         elapsed_s=time.perf_counter() - t0,
+        timings_s=timings,
         **sizes,
     )
 
