@@ -258,3 +258,36 @@ def test_redact_hides_password(url: str, secret: str) -> None:
 
 def test_redact_leaves_urls_without_credentials_alone() -> None:
     assert _redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_upgrading_a_first_schema_database_keeps_its_rows(tmp_path: Path) -> None:
+    """A store made by the first release migrates to the current schema with its datasets intact."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from aifab.store.db import MIGRATIONS, Database, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(
+            text(
+                "INSERT INTO dataset_versions (name, version, created_at, manifest_digest, tokenizer_digest, files,"
+                " bytes, documents, tokens, train_tokens, val_tokens, params) VALUES ('old', 1, '2026-01-01 00:00:00',"
+                " :d, :d, 1, 2, 3, 4, 3, 1, '{}')"
+            ),
+            {"d": "a" * 64},
+        )
+    engine.dispose()
+    db = Database(url)
+    try:
+        with db.session() as s:
+            row = s.scalars(select(DatasetVersion)).one()
+            assert (row.name, row.tokens, row.parent_id, row.stages, row.curated_digest) == ("old", 4, None, None, None)
+    finally:
+        db.close()
