@@ -1,8 +1,10 @@
 """Tokenizer training (byte-level BPE, Hugging Face `tokenizers`) and shard writing."""
 
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +100,21 @@ def encode_to_shards(
     eot = tok.token_to_id(EOT)
     counts = {"train": 0, "val": 0}
     index = 0
-    for texts in batches:
-        # encode_batch_fast skips character offsets, which shards do not need: ~1.7x faster than encode_batch
-        for text, enc in zip(texts, tok.encode_batch_fast(texts), strict=True):
-            split = splits(index, text)
-            ids = enc.ids
-            ids.append(eot)
-            writers[split].write(ids)
-            counts[split] += len(ids)
-            index += 1
-        on_batch(len(texts))
+    # the next batch encodes (in Rust, GIL released) while this thread writes the previous one
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for texts in itertools.chain(batches, [None]):
+            # encode_batch_fast skips character offsets, which shards do not need: ~1.5x faster than encode_batch
+            ahead = pool.submit(tok.encode_batch_fast, texts) if texts is not None else None
+            if pending is not None:
+                done_texts, future = pending
+                for text, enc in zip(done_texts, future.result(), strict=True):
+                    split = splits(index, text)
+                    ids = enc.ids
+                    ids.append(eot)
+                    writers[split].write(ids)
+                    counts[split] += len(ids)
+                    index += 1
+                on_batch(len(done_texts))
+            pending = (texts, ahead) if texts is not None and ahead is not None else None
     return counts
