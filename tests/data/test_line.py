@@ -220,3 +220,31 @@ def test_a_killed_ingest_leaves_no_version_and_the_next_run_starts_clean(tmp_pat
     assert done.returncode == 0, done.stderr
     assert list(tmp_dir.iterdir()) == []  # ... and the next run removed them
     assert "big:1" in aifab("datasets", home=home).stdout
+
+
+def test_bad_files_are_skipped_and_counted_by_reason_without_stopping_the_run(store: Store, tmp_path: Path) -> None:
+    import gzip
+
+    root = planted_corpus(tmp_path / "c")
+    (root / "binary.txt").write_bytes(b"PK\x03\x04\x00\x00" + bytes(range(256)))
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 20)
+    (root / "long.txt").write_text("x" * (2 << 20))
+    (root / "empty.txt").write_text("")
+    (root / "broken.txt.gz").write_bytes(gzip.compress(prose(7).encode())[:40])
+    r = ingest(store, "bad", spec(root), TINY_TOKENIZER)
+    skipped = r.stages["read"]["skipped"]
+    assert skipped == {"binary": 1, "invalid_utf8": 1, "line_too_long": 1, "empty": 1, "unreadable": 1}
+    assert r.skipped_files == 5 and r.documents == 9  # the good files went through untouched
+
+
+def test_malformed_records_fail_with_file_and_line_unless_skip_bad(tmp_path: Path) -> None:
+    root = planted_corpus(tmp_path / "c")
+    (root / "dump.jsonl").write_text('{"text": "fine document number one"}\n{"text": broken\n{"body": "x"}\n')
+    home = tmp_path / "home"
+    failed = aifab("ingest", str(root), "--name", "dump", home=home)
+    assert failed.returncode == 2 and "dump.jsonl:2" in failed.stderr and "Traceback" not in failed.stderr
+    assert "dump:" not in aifab("datasets", home=home).stdout
+    ok = aifab("ingest", str(root), "--name", "dump", "--skip-bad", "--json", home=home)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert result["stages"]["read"]["skipped"] == {"malformed": 1, "missing_field": 1}
