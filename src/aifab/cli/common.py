@@ -5,6 +5,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from aifab.errors import DataError
+from aifab.spec import resolve_source
 from aifab.store import Store
 
 app = typer.Typer(
@@ -29,3 +31,15 @@ def _global(
 def open_store() -> Store:
     home = _state["home"]
     return Store(home if isinstance(home, Path) else None)
+
+
+def data_sources(paths: list[str]) -> list[str]:
+    """Data paths or globs from the command line, resolved against the current directory; a missing path or a
+    glob that matches nothing is a DataError naming it."""
+    sources = []
+    for path in paths:
+        try:
+            sources.append(resolve_source(path, Path.cwd()))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    return sources

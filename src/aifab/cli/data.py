@@ -9,9 +9,9 @@ from rich.table import Table
 from sqlalchemy import select
 from typer.core import TyperGroup
 
-from aifab.cli.common import app, open_store, out
-from aifab.errors import AifabError, DataError, NotFound
-from aifab.spec import FactorySpec, load_spec, resolve_source
+from aifab.cli.common import app, data_sources, open_store, out
+from aifab.errors import AifabError, NotFound
+from aifab.spec import FactorySpec, load_spec
 from aifab.store import Store
 from aifab.store.names import check_name
 from aifab.store.schema import DatasetVersion
@@ -49,13 +49,7 @@ def ingest(
 
     check_name(name, "dataset name")
     spec = load_spec(config) if config is not None else FactorySpec()
-    sources = []
-    for p in paths:
-        try:
-            sources.append(resolve_source(p, Path.cwd()))
-        except ValueError as e:
-            raise DataError(str(e)) from None
-    data = spec.data.model_copy(update={"sources": sources, "skip_bad": skip_bad or spec.data.skip_bad})
+    data = spec.data.model_copy(update={"sources": data_sources(paths), "skip_bad": skip_bad or spec.data.skip_bad})
     result = run_ingest(open_store(), name, data, spec.tokenizer, engine=engine)
     parent = f" (parent {name}:{result.parent_version})" if result.parent_version else ""
     out.print(

@@ -7,10 +7,10 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from aifab.cli.common import app, open_store, out
+from aifab.cli.common import app, data_sources, open_store, out
 from aifab.console import err
-from aifab.errors import AifabError, DataError
-from aifab.spec import EXAMPLE_YAML, FactorySpec, load_spec, resolve_source
+from aifab.errors import AifabError
+from aifab.spec import EXAMPLE_YAML, FactorySpec, load_spec
 
 
 @app.command()
@@ -45,13 +45,7 @@ def demo(
 
     spec = load_spec(config) if config is not None else FactorySpec()
     if data:
-        sources = []
-        for source in data:
-            try:
-                sources.append(resolve_source(source, Path.cwd()))
-            except ValueError as e:
-                raise DataError(str(e)) from None
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"sources": sources})})
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"sources": data_sources(data)})})
     if train_seconds is not None:
         training = spec.training.model_copy(update={"seconds": train_seconds})
         spec = spec.model_copy(update={"training": training})
