@@ -14,10 +14,18 @@ class ModelConfig:
     n_head: int = 4
     d_model: int = 256
     context_len: int = 256
-    ffn_hidden: int = 0  # 0: about 8/3 * d_model rounded up to a multiple of 64 (SwiGLU keeps FLOPs of a 4x MLP)
+    ffn_hidden: int = 0  # 0: SwiGLU about 8/3 * d_model rounded up to a multiple of 64 (FLOPs of a 4x MLP); GELU 4x
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # The family knobs. The defaults are the Llama layout; GPT-2 is norm="layer", mlp="gelu", pos="learned", bias=True.
+    norm: str = "rms"  # "rms" (RMSNorm) | "layer" (LayerNorm)
+    mlp: str = "swiglu"  # "swiglu" | "gelu" (tanh approximation, GPT-2's "gelu_new")
+    pos: str = "rope"  # "rope" (rotary, Llama half-split layout) | "learned" (absolute position embeddings)
+    n_kv_heads: int | None = None  # grouped-query attention: heads of keys and values; None: n_head
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
+    bias: bool = False  # biases on every linear layer and norm (GPT-2)
+    sliding_window: int | None = None  # Mistral's attention window; recorded, and longer sequences are refused
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "context_len"):
@@ -25,18 +33,33 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
-        if self.head_dim % 2:
+        for name, allowed in (("norm", ("rms", "layer")), ("mlp", ("swiglu", "gelu")), ("pos", ("rope", "learned"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"head size d_model/n_head = {self.head_dim} must be even for rotary embeddings")
         if self.ffn_hidden < 0:
             raise ValueError(f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
+        for name in ("n_kv_heads", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"model.{name} must be a positive integer or null, got {value!r}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_heads ({self.kv_heads})")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_head
+
+    @property
     def hidden(self) -> int:
-        return self.ffn_hidden or -(-(8 * self.d_model // 3) // 64) * 64
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 4 * self.d_model if self.mlp == "gelu" else -(-(8 * self.d_model // 3) // 64) * 64
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

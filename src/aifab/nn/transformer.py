@@ -1,8 +1,9 @@
 """A decoder-only Transformer: RMSNorm, rotary position embeddings, SwiGLU MLP, SDPA attention.
 
-Read top to bottom: Transformer -> Block -> Attention / MLP. Shapes: B batch, T time, C d_model,
-nh heads, hs head size, V vocabulary. The same forward serves training (whole sequences, causal) and
-generation (a KVCache plus the position of the first new token).
+The config also selects the GPT-2 layout (LayerNorm, learned positions, GELU, biases) and grouped-query
+attention (Llama, Mistral, Qwen2). Read top to bottom: Transformer -> Block -> Attention / MLP. Shapes: B batch,
+T time, C d_model, nh heads, nkv key/value heads, hs head size, V vocabulary. The same forward serves training
+(whole sequences, causal) and generation (a KVCache plus the position of the first new token).
 """
 
 import math
@@ -26,6 +27,12 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "layer":
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+    return RMSNorm(config.d_model, config.norm_eps)
+
+
 def rope_tables(context_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin of shape (T, hs/2) for every position up to context_len."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -41,15 +48,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for up to `max_len` positions: (B, nh, max_len, hs) each."""
+    """Keys and values of every layer for up to `max_len` positions: (B, nkv, max_len, hs) each."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch, config.n_head, max_len, config.head_dim)
+        shape = (batch, config.kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
 
     def update(self, layer: int, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nh, T, hs) at positions pos..pos+T and return everything up to pos+T."""
+        """Store k, v (B, nkv, T, hs) at positions pos..pos+T and return everything up to pos+T."""
         end = pos + k.size(2)
         self.k[layer][:, :, pos:end] = k
         self.v[layer][:, :, pos:end] = v
@@ -59,48 +66,57 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.n_head, self.head_dim = layer, config.n_head, config.head_dim
-        self.wqkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.wo = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.layer, self.n_head, self.n_kv, self.head_dim = layer, config.n_head, config.kv_heads, config.head_dim
+        self.rope = config.pos == "rope"
+        kv_dim = self.n_kv * self.head_dim
+        # one fused projection: rows are q (nh*hs), then k and v (nkv*hs each)
+        self.wqkv = nn.Linear(config.d_model, config.d_model + 2 * kv_dim, bias=config.bias or config.qkv_bias)
+        self.wo = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, pos: int) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.wqkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.wqkv(x).split([C, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv != self.n_head  # query head h reads key/value head h // (nh / nkv), as in Hugging Face
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = cache.update(self.layer, pos, k, v)  # (B, nh, pos+T, hs)
+            k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, pos+T, hs)
             if T == 1:  # one new token sees every cached position: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             else:  # new token i (absolute pos+i) sees keys 0..pos+i
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         out: Tensor = self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
         return out
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); or GELU (GPT-2): down(gelu_tanh(up(x)))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(config.d_model, config.hidden, bias=False)
-        self.up = nn.Linear(config.d_model, config.hidden, bias=False)
-        self.down = nn.Linear(config.hidden, config.d_model, bias=False)
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(config.d_model, config.hidden, bias=config.bias)
+        self.up = nn.Linear(config.d_model, config.hidden, bias=config.bias)
+        self.down = nn.Linear(config.hidden, config.d_model, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.down(F.silu(self.gate(x)) * self.up(x))
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
+        out: Tensor = self.down(h)
         return out
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, pos: int) -> Tensor:
@@ -117,12 +133,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.pos == "learned":
+            self.pos_emb = nn.Embedding(config.context_len, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(config.context_len, config.head_dim, config.rope_theta)
+        # without rope the tables are empty: (context_len, 0)
+        cos, sin = rope_tables(config.context_len, config.head_dim if config.pos == "rope" else 0, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -135,6 +154,8 @@ class Transformer(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, pos: int = 0
@@ -146,8 +167,13 @@ class Transformer(nn.Module):
         T = idx.size(1)
         if pos + T > self.config.context_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context length {self.config.context_len}")
+        window = self.config.sliding_window
+        if window is not None and pos + T > window:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the sliding window {window} (not implemented)")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
         for block in self.blocks:
             x = block(x, cos, sin, cache, pos)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
