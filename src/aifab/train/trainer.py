@@ -2,28 +2,34 @@
 
 Contract of `train()`: it creates a `runs` row (status running), logs the per-step metrics history
 (train_loss, lr, and val_loss every `eval_every` steps), saves checkpoints every `checkpoint_every` steps
-and at the end, and marks the run completed; on any error the run is marked failed with the message and
+and at the end (resumable ones under the run's work dir, see checkpoint.py, plus the weights in the
+artifact store), and marks the run completed; on any error the run is marked failed with the message and
 the error propagates. The budget ends the run: `steps`, `seconds`, or `stop_check()` returning a reason
 (the caller's energy or cost budget), whichever comes first.
 """
 
+import json
 import os
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import delete
 
 from aifab.console import progress
-from aifab.errors import ArtifactError, TrainError
+from aifab.errors import ArtifactError, NotFound, TrainError
 from aifab.nn.config import PRESETS, ModelConfig
 from aifab.spec import ModelSpec, TrainingSpec
 from aifab.store import Store
 from aifab.store.lineage import link
 from aifab.store.schema import DatasetVersion, Run, RunMetric, utcnow
 from aifab.store.shards import TokenShards
+from aifab.train.checkpoint import KEEP_LAST, Checkpoint, latest_complete, rng_state, set_rng_state
+from aifab.train.checkpoint import save as save_checkpoint
 from aifab.train.schedule import lr_at
 
 METRIC_FLUSH_STEPS = 10  # rows are batched so the DB sees one commit per 10 steps, not one per step
@@ -61,11 +67,19 @@ def train(
     model_spec: ModelSpec,
     cfg: TrainingSpec,
     stop_check: Callable[[], str | None] = lambda: None,
+    resume_run_id: str | None = None,
+    keep_last: int = KEEP_LAST,
 ) -> TrainResult:
+    """Train a new run, or with `resume_run_id` continue that run from its newest complete checkpoint.
+
+    A resumed run keeps its id, goes back to status running, restores the model, optimizer, RNG states, loader
+    position and budget accounting, drops any metrics logged after the checkpoint, and continues; the run's
+    own model config is used (`model_spec` is ignored) and `dataset_version_id` must be the run's. Resuming a
+    completed or unknown run, or one with no complete checkpoint, raises before any compute is spent.
+    """
     import torch
 
     from aifab.nn.transformer import Transformer, num_params
-    from aifab.nn.weights import to_bytes
 
     if cfg.steps is None and cfg.seconds is None:
         raise TrainError("training needs a budget: set training.steps or training.seconds")
@@ -75,7 +89,12 @@ def train(
             raise TrainError(f"dataset version id {dataset_version_id} does not exist")
         manifest_digest, tokenizer_digest = ds.manifest_digest, ds.tokenizer_digest
     shards = TokenShards(store.artifacts, manifest_digest)
-    config = model_config_for(model_spec, shards.manifest.vocab_size)
+    resumed: Checkpoint | None = None
+    if resume_run_id is not None:
+        run_id = resume_run_id
+        config, resumed = _reopen(store, run_id, dataset_version_id, cfg)
+    else:
+        config = model_config_for(model_spec, shards.manifest.vocab_size)
     try:
         shards.check_fits(config.context_len)
     except ArtifactError as e:
@@ -83,31 +102,33 @@ def train(
             f"dataset too small for this model: {e}; add data, raise data.val_fraction or lower model.context_len"
         ) from None
 
-    run_id = uuid.uuid4().hex[:12]
-    params = {
-        "model": config.to_dict(),
-        "training": cfg.model_dump(),
-        "dataset_version_id": dataset_version_id,
-    }
-    with store.db.session() as s:
-        s.add(
-            Run(
-                id=run_id,
-                kind="train",
-                status="running",
-                params=params,
-                summary={},
-                dataset_version_id=dataset_version_id,
-                started_at=utcnow(),
+    if resumed is None:
+        run_id = uuid.uuid4().hex[:12]
+        params = {
+            "model": config.to_dict(),
+            "training": cfg.model_dump(),
+            "dataset_version_id": dataset_version_id,
+        }
+        with store.db.session() as s:
+            s.add(
+                Run(
+                    id=run_id,
+                    kind="train",
+                    status="running",
+                    params=params,
+                    summary={},
+                    dataset_version_id=dataset_version_id,
+                    started_at=utcnow(),
+                )
             )
-        )
-        s.flush()
-        link(s, ("dataset", dataset_version_id), ("run", run_id), "input")
+            s.flush()
+            link(s, ("dataset", dataset_version_id), ("run", run_id), "input")
     try:
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(os.cpu_count() or 1)
         model = Transformer(config)
-        result = _loop(store, run_id, model, shards, cfg, stop_check, to_bytes)
+        ckpt_dir = store.work_dir("runs", run_id, "checkpoints")
+        result = _loop(store, run_id, model, shards, cfg, stop_check, ckpt_dir, keep_last, resumed)
     except BaseException as e:
         with store.db.session() as s:
             run = s.get(Run, run_id)
@@ -137,6 +158,58 @@ def train(
     )
 
 
+def resume(
+    store: Store,
+    run_id: str,
+    stop_check: Callable[[], str | None] = lambda: None,
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    keep_last: int = KEEP_LAST,
+) -> TrainResult:
+    """Continue run `run_id` with its own dataset, model and training spec; `steps`/`seconds` replace its
+    budget (the lr schedule follows the new budget, so only an unchanged budget resumes bit-exactly)."""
+    with store.db.session() as s:
+        run = s.get(Run, run_id)
+        if run is None or run.kind != "train":
+            raise NotFound(f"unknown training run {run_id!r} (see `aifab runs`)")
+        params = dict(run.params)
+    cfg = TrainingSpec.model_validate(params["training"])
+    if steps is not None or seconds is not None:
+        cfg = cfg.model_copy(update={"steps": steps, "seconds": seconds})
+    return train(store, int(params["dataset_version_id"]), ModelSpec(), cfg, stop_check, run_id, keep_last)
+
+
+def _reopen(store: Store, run_id: str, dataset_version_id: int, cfg: TrainingSpec) -> tuple[ModelConfig, Checkpoint]:
+    """Check run `run_id` can resume, load its newest complete checkpoint, drop the metrics logged after it,
+    and mark it running again."""
+    with store.db.session() as s:
+        run = s.get(Run, run_id)
+        if run is None or run.kind != "train":
+            raise NotFound(f"unknown training run {run_id!r} (see `aifab runs`)")
+        if run.status == "completed":
+            raise TrainError(f"run {run_id} already completed; nothing to resume")
+        if run.dataset_version_id != dataset_version_id:
+            raise TrainError(
+                f"run {run_id} trained on dataset version id {run.dataset_version_id}, not {dataset_version_id}"
+            )
+        try:
+            config = ModelConfig.from_dict(run.params["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TrainError(f"run {run_id} has no usable model config: {e}") from None
+    ckpt_dir = store.work_dir("runs", run_id, "checkpoints")
+    ckpt = latest_complete(ckpt_dir)
+    if ckpt is None:
+        raise TrainError(f"run {run_id} has no complete checkpoint to resume from (in {ckpt_dir})")
+    with store.db.session() as s:
+        s.execute(delete(RunMetric).where(RunMetric.run_id == run_id, RunMetric.step > ckpt.step))
+        run = s.get(Run, run_id)
+        assert run is not None
+        run.status, run.error, run.ended_at = "running", None, None
+        run.params = {**run.params, "training": cfg.model_dump()}
+    return config, ckpt
+
+
 def _loop(
     store: Store,
     run_id: str,
@@ -144,10 +217,15 @@ def _loop(
     shards: TokenShards,
     cfg: TrainingSpec,
     stop_check: Callable[[], str | None],
-    to_bytes: Callable[[Any], bytes],
+    ckpt_dir: Path,
+    keep_last: int,
+    resumed: Checkpoint | None,
 ) -> tuple[dict[str, Any], str, float]:
     import torch
     from rich.progress import TextColumn
+    from safetensors.torch import save as st_save
+
+    from aifab.nn.weights import CONFIG_KEY, state_for_save
 
     T, B = model.config.context_len, cfg.batch_size
     # batch k of the run is a pure function of (seed, k): the data order is reproducible and resumable
@@ -180,19 +258,59 @@ def _loop(
             pending.clear()
 
     def checkpoint() -> str:
-        """Store the weights and point the run at them, so a failed run still names its last checkpoint."""
-        digest = store.artifacts.put_bytes(to_bytes(model))
+        """Write a resumable checkpoint, store the weights and point the run at them, so a failed run still
+        names its last checkpoint. Metrics are flushed first: the history never lags its checkpoint."""
+        flush()
+        weights = state_for_save(model)
+        meta = {CONFIG_KEY: json.dumps(model.config.to_dict())}  # the same bytes as nn.weights.to_bytes
+        digest = store.artifacts.put_bytes(st_save(weights, metadata=meta))
+        state = {
+            "run_id": run_id,
+            "tokens": tokens,
+            "train_s": train_s,
+            "elapsed_s": time.perf_counter() - t0,
+            "train_loss": loss_value,
+            "val_loss_initial": val_initial,
+            "last_val": list(last_val),
+            "schedule": {
+                "peak_lr": cfg.lr,
+                "warmup_steps": cfg.warmup_steps,
+                "min_lr_ratio": cfg.min_lr_ratio,
+                "steps": cfg.steps,
+                "seconds": cfg.seconds,
+            },
+            "loader": {"split": "train", "seed": cfg.seed, "order": batches.order, "position": step},
+            "rng": rng_state(),
+            "training": cfg.model_dump(),
+            "model_config": model.config.to_dict(),
+            "weights_digest": digest,
+        }
+        save_checkpoint(
+            ckpt_dir, step, weights, optimizer.state_dict(), state, model_metadata=meta, keep_last=keep_last
+        )
         with store.db.session() as s:
             run = s.get(Run, run_id)
             assert run is not None
             run.checkpoint_digest = digest
         return digest
 
-    val_initial = val_loss()
-    last_val = (0, val_initial)
-    log(0, val_loss=val_initial)
-    t0 = time.perf_counter()
     step, tokens, train_s, loss_value, stopped_by = 0, 0, 0.0, float("nan"), ""
+    if resumed is None:
+        val_initial = val_loss()
+        last_val = (0, val_initial)
+        log(0, val_loss=val_initial)
+        t0 = time.perf_counter()
+    else:
+        st = resumed.state
+        missing, unexpected = model.load_state_dict(resumed.model, strict=False)
+        if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
+            raise TrainError(f"checkpoint {resumed.path} does not match the model: missing {missing[:3]}")
+        optimizer.load_state_dict(resumed.optimizer)
+        set_rng_state(st["rng"])
+        step, tokens, train_s, loss_value = resumed.step, int(st["tokens"]), float(st["train_s"]), st["train_loss"]
+        val_initial = float(st["val_loss_initial"])
+        last_val = (int(st["last_val"][0]), float(st["last_val"][1]))
+        t0 = time.perf_counter() - float(st["elapsed_s"])  # the time budget counts the earlier sessions too
     total = cfg.steps if cfg.seconds is None else 1000
     columns = (
         TextColumn("step {task.fields[step]}"),
@@ -200,7 +318,7 @@ def _loop(
         TextColumn("{task.fields[tps]:,.0f} tok/s"),
     )
     with progress(*columns, counts=False) as bar:
-        task = bar.add_task("train", total=total, step=0, loss=float("nan"), tps=0.0)
+        task = bar.add_task("train", total=total, step=step, loss=float("nan"), tps=0.0)
         while True:
             elapsed = time.perf_counter() - t0
             frac = max(step / cfg.steps if cfg.steps else 0.0, elapsed / cfg.seconds if cfg.seconds else 0.0)
@@ -236,14 +354,14 @@ def _loop(
             if step % METRIC_FLUSH_STEPS == 0:
                 flush()
             done = step if cfg.seconds is None else 1000 * frac
-            bar.update(task, completed=done, step=step, loss=loss_value, tps=tokens / train_s)
+            bar.update(task, completed=done, step=step, loss=loss_value, tps=tokens / max(train_s, 1e-9))
         bar.update(task, completed=total)
     if last_val[0] == step:
         val_final = last_val[1]
     else:
         val_final = val_loss()
+        last_val = (step, val_final)
         log(step, val_loss=val_final)
-    flush()
     digest = checkpoint()
     elapsed_s = time.perf_counter() - t0
     summary = {
@@ -252,7 +370,7 @@ def _loop(
         "train_loss_final": loss_value,
         "val_loss_initial": val_initial,
         "val_loss_final": val_final,
-        "tokens_per_s": tokens / train_s,
+        "tokens_per_s": tokens / max(train_s, 1e-9),
         "train_s": train_s,
         "stopped_by": stopped_by,
     }
