@@ -117,6 +117,16 @@ class TrainingSpec(_Section):
     eval_batches: int = Field(default=8, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)
     seed: int = 0
+    grad_accum_steps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches per optimizer step (tokens/step = batch*context*this)."
+    )
+    compile: bool | Literal["auto"] = Field(
+        default="auto", description="torch.compile the model: auto = on CUDA only (compile time dominates CPU runs)."
+    )
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; weights stay fp32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available.")
 
 
 class EvaluationSpec(_Section):
@@ -298,6 +308,15 @@ training:
   eval_batches: 8
   checkpoint_every: 200
   seed: 0
+  # Micro-batches per optimizer step: tokens per step = batch_size * context_len * grad_accum_steps.
+  grad_accum_steps: 1
+  # torch.compile the model: true, false, or auto (on for CUDA; off for CPU, where compile time
+  # dominates short runs).
+  compile: auto
+  # auto: bf16 autocast on CUDA, fp32 on CPU. Or fp32, bf16 (weights and optimizer stay fp32).
+  dtype: auto
+  # auto: cuda when a CUDA device is available, else cpu. Or cpu, cuda.
+  device: auto
 
 evaluation:
   # Validation batches for loss and perplexity, and prompts for sampled completions.

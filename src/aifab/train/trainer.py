@@ -49,6 +49,49 @@ class TrainResult:
     val_loss_initial: float
     val_loss_final: float
     stopped_by: str
+    mfu: float | None = None  # model FLOPs utilisation over the training time; None for an uncatalogued GPU
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where and how the loop computes: resolved from the spec's "auto" values before any compute is spent."""
+
+    type: str  # "cpu" | "cuda"
+    dtype: str  # "fp32" | "bf16": the autocast dtype of the matmuls; weights and optimizer stay fp32
+    compile: bool
+    name: str  # the card's or CPU's name, for the report
+    peak_flops: float | None  # dense peak FLOP/s for `dtype` from the catalog (None: unknown card)
+
+
+def resolve_device(cfg: TrainingSpec) -> Device:
+    """Resolve device, dtype and compile; raises TrainError when CUDA is asked for and absent."""
+    import torch
+
+    from aifab.meter.catalog import cpu_peak_flops, cpu_probe, gpu_peak_flops
+
+    has_cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not has_cuda:
+        raise TrainError(
+            f"training.device is 'cuda' but torch {torch.__version__} sees no CUDA device; set it to auto or cpu"
+        )
+    kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and has_cuda) else "cpu"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if kind == "cuda" else "fp32")
+    compile_ = kind == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+    if kind == "cuda":
+        name = torch.cuda.get_device_name()
+        return Device(kind, dtype, compile_, name, gpu_peak_flops(name, dtype))
+    ghz, lanes = cpu_probe()
+    cores = os.cpu_count() or 1  # the loop uses every logical CPU (torch.set_num_threads in train)
+    # the fp32 FMA peak, also under bf16: it is the conservative figure for CPUs without bf16 FMA units
+    peak = cpu_peak_flops(cores, ghz, lanes)
+    return Device("cpu", dtype, compile_, f"cpu: {cores} cores at {ghz:.2f} GHz, {lanes} fp32 lanes", peak)
+
+
+def flops_per_token(n_params: int, n_layer: int, d_model: int, context_len: int) -> int:
+    """Training FLOPs per token: 6N for the forward and backward matmuls of N parameters, plus 12*L*d*T for
+    attention (QK^T and AV, forward and backward). The estimate of PaLM (Chowdhery et al. 2022, appendix B)
+    as nanoGPT's `estimate_mfu` uses it."""
+    return 6 * n_params + 12 * n_layer * d_model * context_len
 
 
 def model_config_for(spec: ModelSpec, vocab_size: int) -> ModelConfig:
@@ -95,6 +138,7 @@ def train(
         config, resumed = _reopen(store, run_id, dataset_version_id, cfg)
     else:
         config = model_config_for(model_spec, shards.manifest.vocab_size)
+    device = resolve_device(cfg)  # a bad device fails here, before the run row exists
     try:
         shards.check_fits(config.context_len)
     except ArtifactError as e:
@@ -128,7 +172,7 @@ def train(
         torch.set_num_threads(os.cpu_count() or 1)
         model = Transformer(config)
         ckpt_dir = store.work_dir("runs", run_id, "checkpoints")
-        result = _loop(store, run_id, model, shards, cfg, stop_check, ckpt_dir, keep_last, resumed)
+        result = _loop(store, run_id, model, shards, cfg, stop_check, ckpt_dir, keep_last, resumed, device)
     except BaseException as e:
         with store.db.session() as s:
             run = s.get(Run, run_id)
@@ -155,6 +199,7 @@ def train(
         val_loss_initial=summary["val_loss_initial"],
         val_loss_final=summary["val_loss_final"],
         stopped_by=summary["stopped_by"],
+        mfu=summary["mfu"],
     )
 
 
@@ -220,25 +265,53 @@ def _loop(
     ckpt_dir: Path,
     keep_last: int,
     resumed: Checkpoint | None,
+    device: Device,
 ) -> tuple[dict[str, Any], str, float]:
+    import contextlib
+
     import torch
     from rich.progress import TextColumn
     from safetensors.torch import save as st_save
 
+    from aifab.nn.transformer import num_params
     from aifab.nn.weights import CONFIG_KEY, state_for_save
 
-    T, B = model.config.context_len, cfg.batch_size
+    T, B, accum = model.config.context_len, cfg.batch_size, cfg.grad_accum_steps
+    dev = torch.device(device.type)
+    model.to(dev)
+    # the compiled module shares the parameters; `model` (uncompiled) keeps its state_dict keys for checkpoints
+    fwd = torch.compile(model) if device.compile else model
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if device.dtype == "bf16"
+        else contextlib.nullcontext
+    )
+    flops_token = flops_per_token(num_params(model), model.config.n_layer, model.config.d_model, T)
+    peak = device.peak_flops
+
+    def mfu_of(tokens_per_s: float) -> float | None:
+        return flops_token * tokens_per_s / peak if peak else None
+
+    def to_dev(a: np.ndarray) -> Any:
+        t = torch.from_numpy(a)
+        return t if device.type == "cpu" else t.pin_memory().to(dev, non_blocking=True)
+
     # batch k of the run is a pure function of (seed, k): the data order is reproducible and resumable
     batches = shards.loader("train", B, T, seed=cfg.seed)
     # fixed validation batches, so every evaluation measures the same tokens
     val_loader = shards.loader("val", B, T, seed=cfg.seed + 1)
     val_batches = [val_loader.batch_at(i) for i in range(cfg.eval_batches)]
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    # the fused CUDA kernel updates every parameter in a few launches; on CPU the plain (for-each) one
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
 
     @torch.no_grad()
     def val_loss() -> float:
         model.eval()
-        losses = [model(torch.from_numpy(x), torch.from_numpy(y))[1].item() for x, y in val_batches]
+        losses = []
+        for x, y in val_batches:
+            with autocast():
+                losses.append(fwd(to_dev(x), to_dev(y))[1].item())
         model.train()
         return float(np.mean(losses))
 
@@ -279,7 +352,7 @@ def _loop(
                 "steps": cfg.steps,
                 "seconds": cfg.seconds,
             },
-            "loader": {"split": "train", "seed": cfg.seed, "order": batches.order, "position": step},
+            "loader": {"split": "train", "seed": cfg.seed, "order": batches.order, "position": step * accum},
             "rng": rng_state(),
             "training": cfg.model_dump(),
             "model_config": model.config.to_dict(),
@@ -316,9 +389,10 @@ def _loop(
         TextColumn("step {task.fields[step]}"),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TextColumn("mfu {task.fields[mfu]:.1%}"),
     )
     with progress(*columns, counts=False) as bar:
-        task = bar.add_task("train", total=total, step=step, loss=float("nan"), tps=0.0)
+        task = bar.add_task("train", total=total, step=step, loss=float("nan"), tps=0.0, mfu=0.0)
         while True:
             elapsed = time.perf_counter() - t0
             frac = max(step / cfg.steps if cfg.steps else 0.0, elapsed / cfg.seconds if cfg.seconds else 0.0)
@@ -334,17 +408,24 @@ def _loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ts = time.perf_counter()
-            x, y = batches.batch_at(step)
-            _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = None
+            for micro in range(accum):
+                # micro-batch `micro` of step `step` is loader batch step*accum+micro: with accum=1, batch `step`
+                x, y = batches.batch_at(step * accum + micro)
+                with autocast():
+                    _, loss = fwd(to_dev(x), to_dev(y))
+                # gradients add up over micro-batches; 1/accum makes them the mean over the step's tokens
+                (loss / accum if accum > 1 else loss).backward()
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_value = loss.item()  # a device sync point on GPU; once per step is fine
+            assert loss_sum is not None
+            loss_value = loss_sum.item() / accum  # a device sync point on GPU; once per step is fine
             train_s += time.perf_counter() - ts
             step += 1
-            tokens += B * T
+            tokens += B * T * accum
             log(step, train_loss=loss_value, lr=lr)
             if step % cfg.eval_every == 0:
                 last_val = (step, val_loss())
@@ -354,7 +435,8 @@ def _loop(
             if step % METRIC_FLUSH_STEPS == 0:
                 flush()
             done = step if cfg.seconds is None else 1000 * frac
-            bar.update(task, completed=done, step=step, loss=loss_value, tps=tokens / max(train_s, 1e-9))
+            tps = tokens / max(train_s, 1e-9)
+            bar.update(task, completed=done, step=step, loss=loss_value, tps=tps, mfu=mfu_of(tps) or 0.0)
         bar.update(task, completed=total)
     if last_val[0] == step:
         val_final = last_val[1]
@@ -373,6 +455,13 @@ def _loop(
         "tokens_per_s": tokens / max(train_s, 1e-9),
         "train_s": train_s,
         "stopped_by": stopped_by,
+        # model FLOPs utilisation: flops_per_token * tokens/s over the device's catalogued dense peak
+        "mfu": mfu_of(tokens / max(train_s, 1e-9)),
+        "flops_per_token": flops_token,
+        "peak_flops": peak,
+        "device": device.name,
+        "dtype": device.dtype,
+        "compiled": device.compile,
     }
     return summary, digest, elapsed_s
 
