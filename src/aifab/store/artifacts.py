@@ -38,7 +38,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (a directory after a rename makes the rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -94,7 +95,7 @@ class ArtifactStore:
             final.parent.mkdir(exist_ok=True)
             os.chmod(tmp_name, 0o444)
             os.replace(tmp_name, final)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
             return key
         finally:
             if os.path.exists(tmp_name):

@@ -30,6 +30,7 @@ import numpy as np
 
 from aifab.console import err
 from aifab.errors import TrainError
+from aifab.store.artifacts import fsync_path
 
 KEEP_LAST = 3
 MARKER = "COMPLETE"
@@ -53,14 +54,6 @@ class Checkpoint:
 
 def dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -154,11 +147,11 @@ def save(
         _write(tmp / OPTIMIZER_FILE, st_save(opt_tensors, metadata=opt_meta))
         _write(tmp / STATE_FILE, json.dumps({**state, "step": step}, sort_keys=True).encode())
         _write(tmp / MARKER, b"")  # last: its presence vouches for the files above
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():  # a torn or older copy of the same step (a resumed run passing it again)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
