@@ -27,6 +27,17 @@ PICKLED = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
+# GPT-2 block tensors: (HF name, our name, stored as Conv1D, i.e. (in, out), so transposed both ways)
+GPT2_LAYER = (
+    ("ln_1", "attn_norm", False),
+    ("attn.c_attn", "attn.wqkv", True),
+    ("attn.c_proj", "attn.wo", True),
+    ("ln_2", "mlp_norm", False),
+    ("mlp.c_fc", "mlp.up", True),
+    ("mlp.c_proj", "mlp.down", True),
+)
+
+
 def _read_config(root: Path) -> dict[str, Any]:
     path = root / "config.json"
     if not path.is_file():
@@ -149,14 +160,7 @@ def _rename(family: str, config: ModelConfig, hf: dict[str, Tensor]) -> dict[str
         ours["tok_emb.weight"], ours["pos_emb.weight"] = take("wte.weight"), take("wpe.weight")
         for i in range(config.n_layer):
             h, b = f"h.{i}.", f"blocks.{i}."
-            for theirs, mine, conv in (
-                ("ln_1", "attn_norm", False),
-                ("attn.c_attn", "attn.wqkv", True),
-                ("attn.c_proj", "attn.wo", True),
-                ("ln_2", "mlp_norm", False),
-                ("mlp.c_fc", "mlp.up", True),
-                ("mlp.c_proj", "mlp.down", True),
-            ):
+            for theirs, mine, conv in GPT2_LAYER:
                 w = take(f"{h}{theirs}.weight")
                 ours[f"{b}{mine}.weight"] = w.t().contiguous() if conv else w  # Conv1D: (in, out)
                 ours[f"{b}{mine}.bias"] = take(f"{h}{theirs}.bias")
@@ -280,14 +284,7 @@ def hf_state(model: Transformer) -> dict[str, Tensor]:
         out["wte.weight"], out["wpe.weight"] = sd["tok_emb.weight"], sd["pos_emb.weight"]
         for i in range(config.n_layer):
             h, b = f"h.{i}.", f"blocks.{i}."
-            for theirs, mine, conv in (
-                ("ln_1", "attn_norm", False),
-                ("attn.c_attn", "attn.wqkv", True),
-                ("attn.c_proj", "attn.wo", True),
-                ("ln_2", "mlp_norm", False),
-                ("mlp.c_fc", "mlp.up", True),
-                ("mlp.c_proj", "mlp.down", True),
-            ):
+            for theirs, mine, conv in GPT2_LAYER:
                 w = sd[f"{b}{mine}.weight"]
                 out[f"{h}{theirs}.weight"] = w.t() if conv else w
                 out[f"{h}{theirs}.bias"] = sd[f"{b}{mine}.bias"]
