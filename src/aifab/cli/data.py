@@ -42,6 +42,12 @@ def ingest(
     engine: str = typer.Option(
         "local", "--engine", help="local (worker processes) or ray (Ray Data on RAY_ADDRESS, or a local Ray)."
     ),
+    tokenizer_from: str | None = typer.Option(
+        None,
+        "--tokenizer-from",
+        metavar="MODEL",
+        help="Tokenize with this model's tokenizer, to fine-tune it.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on the last line."),
 ) -> None:
     """Read, curate, deduplicate and tokenize PATHS into a new version of dataset NAME."""
@@ -50,7 +56,7 @@ def ingest(
     check_name(name, "dataset name")
     spec = load_spec(config) if config is not None else FactorySpec()
     data = spec.data.model_copy(update={"sources": data_sources(paths), "skip_bad": skip_bad or spec.data.skip_bad})
-    result = run_ingest(open_store(), name, data, spec.tokenizer, engine=engine)
+    result = run_ingest(open_store(), name, data, spec.tokenizer, engine=engine, tokenizer_from=tokenizer_from)
     parent = f" (parent {name}:{result.parent_version})" if result.parent_version else ""
     out.print(
         f"[bold]{name}:{result.version}[/bold]{parent}: {result.files:,} files ({result.processed_files:,} "

@@ -33,36 +33,80 @@ def train_command(
     steps: int | None = typer.Option(None, "--steps", min=1, help="Step budget."),
     seconds: float | None = typer.Option(None, "--seconds", min=0.001, help="Time budget in seconds."),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run from its newest checkpoint."),
+    base: str | None = typer.Option(
+        None, "--from", metavar="MODEL", help="Fine-tune this registered model (name, name:VERSION, name@ALIAS)."
+    ),
+    lora_rank: int | None = typer.Option(
+        None, "--lora-rank", min=1, help="With --from: train rank-R LoRA adapters on a frozen base, merged at the end."
+    ),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", min=0.001, help="LoRA scale numerator (alpha / rank)."),
+    context_len: int | None = typer.Option(
+        None, "--context-len", min=8, help="Tokens per sequence (with --from: at most the model's context)."
+    ),
+    lr: float | None = typer.Option(None, "--lr", min=1e-9, help="Peak learning rate (default: training.lr)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A factory.yaml for model/training settings."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on the last line."),
 ) -> None:
-    """Train MODEL on DATASET within a budget (or resume RUN), then register it as NAME (alias latest)."""
-    from aifab.registry.models import register
+    """Train MODEL on DATASET within a budget (or resume RUN, or fine-tune --from a registered model), then
+    register the result as NAME (alias latest)."""
+    from aifab.nn.config import LoraConfig
+    from aifab.registry.models import register, resolve
+    from aifab.train.trainer import FineTune, train
     from aifab.train.trainer import resume as resume_run
-    from aifab.train.trainer import train
 
     check_name(name, "model name")
     if steps is not None and seconds is not None:
         raise AifabError("give one budget: --steps or --seconds, not both")
+    if lora_rank is not None and base is None:
+        raise AifabError("--lora-rank adapts an existing model: give --from MODEL")
     store = open_store()
+    base_id = None
     if resume is not None:
-        if dataset is not None or model is not None or config is not None:
-            raise AifabError(
-                "--resume continues the run's own dataset, model and config; drop --dataset/--model/--config"
+        given = [
+            o
+            for o, v in (
+                ("--dataset", dataset),
+                ("--model", model),
+                ("--config", config),
+                ("--from", base),
+                ("--lora-rank", lora_rank),
+                ("--context-len", context_len),
+                ("--lr", lr),
             )
+            if v
+        ]
+        if given:
+            raise AifabError(f"--resume continues the run's own dataset, model and settings; drop {', '.join(given)}")
         result = resume_run(store, resume, steps=steps, seconds=seconds)
     else:
         if dataset is None:
             raise AifabError("--dataset is required (or --resume RUN)")
+        if base is not None and model is not None:
+            raise AifabError("--from fine-tunes an existing model; drop --model")
         spec = load_spec(config) if config is not None else FactorySpec()
-        if model is None and config is None:
-            raise AifabError("--model is required: a preset (tiny, small, base) or a factory.yaml")
+        if model is None and config is None and base is None:
+            raise AifabError("--model is required: a preset (tiny, small, base) or a factory.yaml (or --from MODEL)")
         mspec = model_spec(model) if model is not None else spec.model
+        if base is not None:  # a factory.yaml's model shape does not apply to an existing model
+            mspec = ModelSpec()
+        if context_len is not None:
+            mspec = mspec.model_copy(update={"context_len": context_len})
         training: TrainingSpec = spec.training
         if steps is not None or seconds is not None:
             training = training.model_copy(update={"steps": steps, "seconds": seconds})
+        if lr is not None:
+            training = training.model_copy(update={"lr": lr})
         ds = resolve_dataset(store, dataset)
-        result = train(store, ds.id, mspec, training)
+        fine_tune = None
+        if base is not None:
+            mv = resolve(store, base)
+            base_id = mv.id
+            try:
+                lora = LoraConfig(rank=lora_rank, alpha=lora_alpha) if lora_rank is not None else None
+            except ValueError as e:
+                raise AifabError(str(e)) from None
+            fine_tune = FineTune(f"{mv.name}:{mv.version}", mv.weights_digest, mv.tokenizer_digest, lora)
+        result = train(store, ds.id, mspec, training, base=fine_tune)
     with store.db.session() as s:
         run = s.get(Run, result.run_id)
         dataset_version_id = run.dataset_version_id if run is not None else None
@@ -77,6 +121,7 @@ def train_command(
         run_id=result.run_id,
         dataset_version_id=dataset_version_id,
         aliases=("latest",),
+        base_model_id=base_id,
     )
     out.print(
         f"[bold]{mv.name}:{mv.version}[/bold] (run {result.run_id}): {result.params:,} parameters, "

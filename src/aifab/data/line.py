@@ -8,8 +8,10 @@ its manifest artifact. Steps, each reported in the version's `stages`:
    corpus reads only new and changed files.
 2. deduplicate across the corpus in file order (exact, then MinHash LSH) into one curated Parquet file.
 3. tokenizer: trained on the curated text, or the parent version's when its settings are unchanged, so
-   token ids stay comparable across versions.
-4. tokenize in streamed batches (encode_batch on every core) into uint16 shards and a manifest.
+   token ids stay comparable across versions; or, with `tokenizer_from`, a registered model's own tokenizer,
+   so that model can be fine-tuned on the result.
+4. tokenize in streamed batches (encode_batch on every core) into uint16 shards (uint32 for vocabularies
+   over 65,536) and a manifest.
 5. one transaction inserts the version row. A run that dies earlier leaves only unreferenced artifacts
    and temp files (removed by the next run): never a half-written version.
 """
@@ -28,7 +30,7 @@ from aifab.data.curate import Curator, Deduplicator, StageCount
 from aifab.data.engines import curate_files
 from aifab.data.parts import DocWriter, PartCache, iter_batches
 from aifab.data.sources import ReadStats, SourceOptions, file_sha256, list_files, read_file, stdlib_source
-from aifab.data.tokenize import EOT, ShardWriter, encode_to_shards, split_of, train_tokenizer
+from aifab.data.tokenize import ShardWriter, encode_to_shards, split_of, train_tokenizer
 from aifab.errors import DataError
 from aifab.spec import CurationSpec, DataSpec, TokenizerSpec
 from aifab.store import Store
@@ -37,6 +39,7 @@ from aifab.store.lineage import link
 from aifab.store.names import check_name
 from aifab.store.schema import DatasetVersion
 from aifab.store.shards import Manifest, dtype_for
+from aifab.tokens import end_of_text_id
 
 # documents per encode call: enough to keep every core busy, few enough that the Encoding objects of one batch
 # stay small (512 stdlib files peak near 0.9 GB; 128 near 0.35 GB)
@@ -111,9 +114,21 @@ def curation_key(opts: SourceOptions, curation: CurationSpec) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *, engine: str = "local") -> IngestResult:
+def ingest(
+    store: Store,
+    name: str,
+    data: DataSpec,
+    tokenizer: TokenizerSpec,
+    *,
+    engine: str = "local",
+    tokenizer_from: str | None = None,
+) -> IngestResult:
+    """Add the next version of dataset `name`. With `tokenizer_from` (a model reference), the documents are
+    tokenized with that registered model's tokenizer instead of a trained one, so the model can be fine-tuned
+    on the result; `tokenizer` is then unused."""
     check_name(name, "dataset name")
     t0 = time.perf_counter()
+    base = _base_tokenizer(store, tokenizer_from) if tokenizer_from is not None else None
     store.artifacts.clean_stale_tmp()
     sources = data.sources or [stdlib_source()]
     files = list_files(sources, data.extensions)
@@ -191,7 +206,11 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
     lap("dedup")
 
     # 3. tokenizer
-    tok, tokenizer_digest = _tokenizer(store, parent, tokenizer, curated_digest)
+    if base is not None:
+        tok, tokenizer_digest, tokenizer_params = base
+    else:
+        tok, tokenizer_digest = _tokenizer(store, parent, tokenizer, curated_digest)
+        tokenizer_params = tokenizer.model_dump()
     vocab_size = tok.get_vocab_size()
     dtype = dtype_for(vocab_size)
 
@@ -206,7 +225,7 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
     manifest = Manifest(
         tokenizer_digest=tokenizer_digest,
         vocab_size=vocab_size,
-        eot_id=tok.token_to_id(EOT),
+        eot_id=end_of_text_id(tok),
         dtype=dtype,
         splits={split: w.close() for split, w in shard_writers.items()},
     )
@@ -225,7 +244,7 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
     }
-    params = {"sources": sources, **data.model_dump(exclude={"sources"}), "tokenizer": tokenizer.model_dump()}
+    params = {"sources": sources, **data.model_dump(exclude={"sources"}), "tokenizer": tokenizer_params}
     with store.db.session() as s:
         version = (parent.version if parent is not None else 0) + 1
         row = DatasetVersion(
@@ -245,6 +264,8 @@ def ingest(store: Store, name: str, data: DataSpec, tokenizer: TokenizerSpec, *,
         s.flush()
         if parent is not None:
             link(s, ("dataset", parent.id), ("dataset", row.id), "parent")
+        if base is not None:
+            link(s, ("model", tokenizer_params["model_version_id"]), ("dataset", row.id), "tokenizer")
         row_id = row.id
     return IngestResult(
         dataset_version_id=row_id,
@@ -300,6 +321,29 @@ def _tokenizer(store: Store, parent: DatasetVersion | None, spec: TokenizerSpec,
         texts = (text for batch in iter_batches(store.artifacts, curated) for text in batch[0])
         tok = train_tokenizer(texts, spec.vocab_size, spec.min_frequency)
     return tok, store.artifacts.put_bytes(tok.to_str().encode())
+
+
+def _base_tokenizer(store: Store, ref: str) -> tuple[Any, str, dict[str, Any]]:
+    """The tokenizer of registered model `ref`, its digest, and the params that record where it came from.
+    Checked before any file is read: it must load and have an end-of-text token."""
+    from tokenizers import Tokenizer
+
+    from aifab.registry.models import resolve
+
+    mv = resolve(store, ref)
+    label = f"{mv.name}:{mv.version}"
+    try:
+        tok = Tokenizer.from_str(store.artifacts.get_bytes(mv.tokenizer_digest).decode())
+        end_of_text_id(tok)
+    except Exception as e:  # tokenizers raises its own exception type for a malformed file
+        raise DataError(f"the tokenizer of model {label} cannot be used: {e}") from None
+    if tok.get_vocab_size() > mv.config.get("vocab_size", 0):
+        raise DataError(
+            f"the tokenizer of model {label} has {tok.get_vocab_size():,} tokens, more than the model's "
+            f"vocabulary of {mv.config.get('vocab_size')}"
+        )
+    params = {"from_model": label, "model_version_id": mv.id, "digest": mv.tokenizer_digest}
+    return tok, mv.tokenizer_digest, params
 
 
 def _report(entries: dict[str, dict[str, Any]], dedup_counts: dict[str, StageCount]) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from aifab.store.artifacts import ArtifactStore
+from aifab.tokens import EOT, end_of_text_id
 
-EOT = "<|endoftext|>"
 ENCODE_BATCH = 256  # documents per encode_batch call: enough to keep every core busy
 SHARD_TOKENS = 1 << 24  # 16M tokens, 32 MB of uint16, per shard
 
@@ -97,7 +97,7 @@ def encode_to_shards(
 ) -> dict[str, int]:
     """Encode batches of documents (encode_batch runs on every core), each followed by EOT, into the writer
     of its split, `splits(document_index, text)`. Streams: memory holds one batch of text and ids."""
-    eot = tok.token_to_id(EOT)
+    eot = end_of_text_id(tok)
     counts = {"train": 0, "val": 0}
     index = 0
     # the next batch encodes (in Rust, GIL released) while this thread writes the previous one

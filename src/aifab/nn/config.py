@@ -3,6 +3,7 @@
 Presets are functions of the vocabulary size, which is known only once the tokenizer is trained.
 """
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -89,3 +90,31 @@ def base(vocab_size: int) -> ModelConfig:
 
 
 PRESETS = {"tiny": tiny, "small": small, "base": base}
+
+
+TARGETS = ("wqkv", "wo", "gate", "up", "down")  # the Linear layers of Attention and MLP; lm_head is never adapted
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: tuple[str, ...] = ("wqkv", "wo")  # module names (last component) to adapt
+    dropout: float = 0.0  # on the adapter's input only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        if not self.targets:
+            raise ValueError(f"lora.targets must name at least one of {', '.join(TARGETS)}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"lora.targets: unknown {', '.join(map(repr, unknown))}; known: {', '.join(TARGETS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank

@@ -8,41 +8,29 @@ export paths (nn.weights, nn.hf) see an ordinary model. Adapter tensors are name
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TARGETS = ("wqkv", "wo", "gate", "up", "down")  # the Linear layers of Attention and MLP; lm_head is never adapted
+from aifab.nn.config import TARGETS, LoraConfig
+
+__all__ = [  # LoraConfig and TARGETS live in nn.config (no torch) and are re-exported here
+    "TARGETS",
+    "LoraConfig",
+    "LoraLinear",
+    "apply_lora",
+    "count_trainable",
+    "load_lora_state",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "merged_state_dict",
+]
+
 SUFFIXES = (".lora_a", ".lora_b")
 M = TypeVar("M", bound=nn.Module)
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    targets: tuple[str, ...] = ("wqkv", "wo")  # module names (last component) to adapt
-    dropout: float = 0.0  # on the adapter's input only
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}")
-        if not self.targets:
-            raise ValueError(f"lora.targets must name at least one of {', '.join(TARGETS)}")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown:
-            raise ValueError(f"lora.targets: unknown {', '.join(map(repr, unknown))}; known: {', '.join(TARGETS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoraLinear(nn.Module):
@@ -138,6 +126,24 @@ def merge_lora(model: M) -> M:
         if isinstance(m, LoraLinear):
             _replace(model, name, m.merged())
     return model
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict `merge_lora(model)` would have, without touching `model`: each adapted Linear's weight
+    is base + B @ A * scaling (in fp32, cast back) under the plain module's names; no adapter tensors."""
+    sd = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            for key in ("weight", "bias"):
+                value = sd.pop(f"{name}.base.{key}", None)
+                if value is not None:
+                    sd[f"{name}.{key}"] = value
+            w = sd[f"{name}.weight"]
+            delta = (m.lora_b.float() @ m.lora_a.float()) * m.scaling
+            sd[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+            del sd[f"{name}.lora_a"], sd[f"{name}.lora_b"]
+    return sd
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -16,9 +16,10 @@ from aifab.nn.transformer import Transformer
 CONFIG_KEY = "aifab.model_config"
 
 
-def state_for_save(model: Transformer) -> dict[str, Tensor]:
-    """Weights without the tied lm_head duplicate, contiguous and on the CPU."""
-    sd = model.state_dict()
+def state_for_save(model: Transformer, sd: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Weights (`model.state_dict()`, or `sd` when given) without the tied lm_head duplicate, contiguous
+    and on the CPU."""
+    sd = dict(model.state_dict() if sd is None else sd)
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}

@@ -23,8 +23,10 @@ def register(
     run_id: str | None = None,
     dataset_version_id: int | None = None,
     aliases: tuple[str, ...] = (),
+    base_model_id: int | None = None,
 ) -> ModelVersion:
-    """Add the next version of `name`, link it to its run and dataset, and point `aliases` at it."""
+    """Add the next version of `name`, link it to its run, dataset and (when fine-tuned) base model, and point
+    `aliases` at it."""
     check_name(name, "model name")
     for alias in aliases:
         check_name(alias, "alias")
@@ -48,6 +50,8 @@ def register(
             link(s, ("run", run_id), ("model", mv.id), "produced")
         if dataset_version_id is not None:
             link(s, ("dataset", dataset_version_id), ("model", mv.id), "trained_on")
+        if base_model_id is not None:
+            link(s, ("model", base_model_id), ("model", mv.id), "fine_tuned")
         for alias in aliases:
             _point(s, name, alias, mv.id)
         return mv

@@ -17,6 +17,7 @@ from aifab.errors import ServeError
 from aifab.serve.generate import generate
 from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
+from aifab.tokens import end_of_text_id
 
 
 class QueueFull(Exception):
@@ -70,9 +71,10 @@ class LoadedModel:
         mid = f"{mv.name}:{mv.version}"
         # the bare name too: this server holds one version of it, so "demo" can only mean that one
         names = {mid, ref, mv.name, *(f"{mv.name}@{a}" for a in aliases_of(store, mv.id))}
-        eot = tok.token_to_id("<|endoftext|>")
-        if eot is None:
-            raise ServeError(f"the tokenizer of {mid} has no <|endoftext|> token")
+        try:
+            eot = end_of_text_id(tok)
+        except ValueError as e:
+            raise ServeError(f"{mid}: {e}") from None
         return cls(
             mid,
             frozenset(names),

@@ -9,11 +9,12 @@ the error propagates. The budget ends the run: `steps`, `seconds`, or `stop_chec
 """
 
 import json
+import math
 import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from sqlalchemy import delete
 
 from aifab.console import progress
 from aifab.errors import ArtifactError, NotFound, TrainError
-from aifab.nn.config import PRESETS, ModelConfig
+from aifab.nn.config import PRESETS, LoraConfig, ModelConfig
 from aifab.spec import ModelSpec, TrainingSpec
 from aifab.store import Store
 from aifab.store.lineage import link
@@ -50,6 +51,7 @@ class TrainResult:
     val_loss_final: float
     stopped_by: str
     mfu: float | None = None  # model FLOPs utilisation over the training time; None for an uncatalogued GPU
+    lora_digest: str | None = None  # a LoRA run's adapters alone (safetensors); its checkpoint holds merged weights
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,48 @@ def flops_per_token(n_params: int, n_layer: int, d_model: int, context_len: int)
     return 6 * n_params + 12 * n_layer * d_model * context_len
 
 
+@dataclass(frozen=True)
+class FineTune:
+    """Start from a registered model's weights instead of a fresh init: in full, or with LoRA adapters on a
+    frozen base when `lora` is set. The dataset must be tokenized with the model's own tokenizer."""
+
+    model: str  # "name:version", for the record and the messages
+    weights_digest: str
+    tokenizer_digest: str
+    lora: LoraConfig | None = None
+
+    def to_params(self) -> dict[str, Any]:
+        lora = None if self.lora is None else {**asdict(self.lora), "targets": list(self.lora.targets)}
+        return {"model": self.model, "weights_digest": self.weights_digest, "lora": lora}
+
+
+def estimate_train_bytes(config: ModelConfig, params: int, trainable: int, batch: int, window: int, dtype: str) -> int:
+    """A floor on the memory one training process needs, to refuse shapes that cannot fit before allocating:
+    fp32 weights (4 B/parameter), fp32 gradients and the two AdamW moments of the trainable ones (12 B each),
+    the fp32 logits and their gradient, and per layer the ~10 d-wide activations per token that the backward
+    pass keeps (2 B each under bf16 autocast). Real use is higher; only a shape below this floor can fit."""
+    tokens = batch * window
+    act = 2 if dtype == "bf16" else 4
+    activations = tokens * config.n_layer * 10 * config.d_model * act + tokens * config.vocab_size * 8
+    return 4 * params + 12 * trainable + activations
+
+
+def available_bytes(device: "Device") -> int:
+    """Memory the run may use: the GPU's total memory, or the host's MemAvailable (Linux) / physical memory."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[1])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def model_config_for(spec: ModelSpec, vocab_size: int) -> ModelConfig:
     """The preset for this vocabulary with the spec's overrides applied; raises TrainError on a bad shape."""
     preset = PRESETS[spec.preset](vocab_size).to_dict()
@@ -112,8 +156,13 @@ def train(
     stop_check: Callable[[], str | None] = lambda: None,
     resume_run_id: str | None = None,
     keep_last: int = KEEP_LAST,
+    base: FineTune | None = None,
 ) -> TrainResult:
     """Train a new run, or with `resume_run_id` continue that run from its newest complete checkpoint.
+
+    From scratch, the model is `model_spec` over the dataset's vocabulary. With `base`, it is that registered
+    model's weights (LoRA adapters on top when `base.lora` is set) and `model_spec.context_len`, if set, is the
+    training window (at most the model's context). A LoRA run registers merged weights and keeps the adapters.
 
     A resumed run keeps its id, goes back to status running, restores the model, optimizer, RNG states, loader
     position and budget accounting, drops any metrics logged after the checkpoint, and continues; the run's
@@ -122,7 +171,9 @@ def train(
     """
     import torch
 
+    from aifab.nn.lora import apply_lora, count_trainable
     from aifab.nn.transformer import Transformer, num_params
+    from aifab.nn.weights import from_bytes
 
     if cfg.steps is None and cfg.seconds is None:
         raise TrainError("training needs a budget: set training.steps or training.seconds")
@@ -131,20 +182,47 @@ def train(
         if ds is None:
             raise TrainError(f"dataset version id {dataset_version_id} does not exist")
         manifest_digest, tokenizer_digest = ds.manifest_digest, ds.tokenizer_digest
+        dataset_label = f"{ds.name}:{ds.version}"
     shards = TokenShards(store.artifacts, manifest_digest)
     resumed: Checkpoint | None = None
+    init: dict[str, Any] | None = None
     if resume_run_id is not None:
         run_id = resume_run_id
-        config, resumed = _reopen(store, run_id, dataset_version_id, cfg)
+        config, resumed, window, init = _reopen(store, run_id, dataset_version_id, cfg)
+    elif base is not None:
+        config = _base_config(store, base, tokenizer_digest, dataset_label)
+        window = model_spec.context_len or config.context_len
+        init = base.to_params()
     else:
         config = model_config_for(model_spec, shards.manifest.vocab_size)
+        window = config.context_len
+    lora = LoraConfig(**{**init["lora"], "targets": tuple(init["lora"]["targets"])}) if init and init["lora"] else None
+    if window > config.context_len:
+        raise TrainError(f"training window {window} is longer than the model's context of {config.context_len}")
+    if shards.manifest.vocab_size > config.vocab_size:
+        raise TrainError(
+            f"dataset {dataset_label} has a vocabulary of {shards.manifest.vocab_size:,} tokens but the model "
+            f"has {config.vocab_size:,}: its ids would not fit the embedding"
+        )
     device = resolve_device(cfg)  # a bad device fails here, before the run row exists
     try:
-        shards.check_fits(config.context_len)
+        shards.check_fits(window)
     except ArtifactError as e:
         raise TrainError(
             f"dataset too small for this model: {e}; add data, raise data.val_fraction or lower model.context_len"
         ) from None
+    with torch.device("meta"):  # shapes only: parameter counts without allocating
+        probe = Transformer(config)
+        n_params = num_params(probe)
+        trainable = count_trainable(apply_lora(probe, lora)) if lora else n_params
+    need = estimate_train_bytes(config, n_params, trainable, cfg.batch_size, window, device.dtype)
+    have = available_bytes(device)
+    if need > have:
+        raise TrainError(
+            f"this run cannot fit in memory: {n_params:,} parameters at batch {cfg.batch_size} x {window} tokens "
+            f"need at least {need / 1e9:.1f} GB (weights, gradients, AdamW state, activations), and the "
+            f"{device.type} has {have / 1e9:.1f} GB; lower training.batch_size, the context or the model size"
+        )
 
     if resumed is None:
         run_id = uuid.uuid4().hex[:12]
@@ -152,6 +230,8 @@ def train(
             "model": config.to_dict(),
             "training": cfg.model_dump(),
             "dataset_version_id": dataset_version_id,
+            "window": window,
+            "init": init,
         }
         with store.db.session() as s:
             s.add(
@@ -170,9 +250,16 @@ def train(
     try:
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(os.cpu_count() or 1)
-        model = Transformer(config)
+        if base is not None and resumed is None:
+            model = from_bytes(store.artifacts.get_bytes(base.weights_digest), config)
+        else:
+            model = Transformer(config)  # a resumed run loads its checkpoint over this
+        if lora is not None:
+            apply_lora(model, lora)
         ckpt_dir = store.work_dir("runs", run_id, "checkpoints")
-        result = _loop(store, run_id, model, shards, cfg, stop_check, ckpt_dir, keep_last, resumed, device)
+        result = _loop(
+            store, run_id, model, shards, cfg, stop_check, ckpt_dir, keep_last, resumed, device, window, n_params
+        )
     except BaseException as e:
         with store.db.session() as s:
             run = s.get(Run, run_id)
@@ -191,7 +278,7 @@ def train(
         checkpoint_digest=digest,
         tokenizer_digest=tokenizer_digest,
         model_config=config.to_dict(),
-        params=num_params(model),
+        params=n_params,
         steps=summary["steps"],
         tokens=summary["tokens"],
         elapsed_s=elapsed_s,
@@ -200,7 +287,23 @@ def train(
         val_loss_final=summary["val_loss_final"],
         stopped_by=summary["stopped_by"],
         mfu=summary["mfu"],
+        lora_digest=summary["lora_digest"],
     )
+
+
+def _base_config(store: Store, base: FineTune, tokenizer_digest: str, dataset_label: str) -> ModelConfig:
+    """The base model's config from its weights file; refuses a dataset tokenized with another tokenizer."""
+    from aifab.nn.weights import config_from_bytes
+
+    if tokenizer_digest != base.tokenizer_digest:
+        raise TrainError(
+            f"dataset {dataset_label} was not tokenized with the tokenizer of {base.model}, so its token ids mean "
+            f"nothing to that model; ingest it with `aifab ingest ... --tokenizer-from {base.model}`"
+        )
+    try:
+        return config_from_bytes(store.artifacts.get_bytes(base.weights_digest))
+    except ValueError as e:
+        raise TrainError(f"the weights of {base.model} cannot be used: {e}") from None
 
 
 def resume(
@@ -225,9 +328,11 @@ def resume(
     return train(store, int(params["dataset_version_id"]), ModelSpec(), cfg, stop_check, run_id, keep_last)
 
 
-def _reopen(store: Store, run_id: str, dataset_version_id: int, cfg: TrainingSpec) -> tuple[ModelConfig, Checkpoint]:
+def _reopen(
+    store: Store, run_id: str, dataset_version_id: int, cfg: TrainingSpec
+) -> tuple[ModelConfig, Checkpoint, int, dict[str, Any] | None]:
     """Check run `run_id` can resume, load its newest complete checkpoint, drop the metrics logged after it,
-    and mark it running again."""
+    and mark it running again. Returns the run's model config, the checkpoint, training window and init."""
     with store.db.session() as s:
         run = s.get(Run, run_id)
         if run is None or run.kind != "train":
@@ -240,6 +345,8 @@ def _reopen(store: Store, run_id: str, dataset_version_id: int, cfg: TrainingSpe
             )
         try:
             config = ModelConfig.from_dict(run.params["model"])
+            window = int(run.params.get("window") or config.context_len)
+            init = run.params.get("init")
         except (KeyError, TypeError, ValueError) as e:
             raise TrainError(f"run {run_id} has no usable model config: {e}") from None
     ckpt_dir = store.work_dir("runs", run_id, "checkpoints")
@@ -252,7 +359,7 @@ def _reopen(store: Store, run_id: str, dataset_version_id: int, cfg: TrainingSpe
         assert run is not None
         run.status, run.error, run.ended_at = "running", None, None
         run.params = {**run.params, "training": cfg.model_dump()}
-    return config, ckpt
+    return config, ckpt, window, init
 
 
 def _loop(
@@ -266,6 +373,8 @@ def _loop(
     keep_last: int,
     resumed: Checkpoint | None,
     device: Device,
+    window: int,
+    n_params: int,
 ) -> tuple[dict[str, Any], str, float]:
     import contextlib
 
@@ -273,10 +382,11 @@ def _loop(
     from rich.progress import TextColumn
     from safetensors.torch import save as st_save
 
-    from aifab.nn.transformer import num_params
+    from aifab.nn.lora import LoraLinear, lora_state_dict, merged_state_dict
     from aifab.nn.weights import CONFIG_KEY, state_for_save
 
-    T, B, accum = model.config.context_len, cfg.batch_size, cfg.grad_accum_steps
+    T, B, accum = window, cfg.batch_size, cfg.grad_accum_steps
+    lora = any(isinstance(m, LoraLinear) for m in model.modules())
     dev = torch.device(device.type)
     model.to(dev)
     # the compiled module shares the parameters; `model` (uncompiled) keeps its state_dict keys for checkpoints
@@ -286,7 +396,7 @@ def _loop(
         if device.dtype == "bf16"
         else contextlib.nullcontext
     )
-    flops_token = flops_per_token(num_params(model), model.config.n_layer, model.config.d_model, T)
+    flops_token = flops_per_token(n_params, model.config.n_layer, model.config.d_model, T)
     peak = device.peak_flops
 
     def mfu_of(tokens_per_s: float) -> float | None:
@@ -334,9 +444,10 @@ def _loop(
         """Write a resumable checkpoint, store the weights and point the run at them, so a failed run still
         names its last checkpoint. Metrics are flushed first: the history never lags its checkpoint."""
         flush()
-        weights = state_for_save(model)
+        weights = state_for_save(model)  # with LoRA: the frozen base and the adapters, under their own names
         meta = {CONFIG_KEY: json.dumps(model.config.to_dict())}  # the same bytes as nn.weights.to_bytes
-        digest = store.artifacts.put_bytes(st_save(weights, metadata=meta))
+        plain = state_for_save(model, merged_state_dict(model)) if lora else weights
+        digest = store.artifacts.put_bytes(st_save(plain, metadata=meta))
         state = {
             "run_id": run_id,
             "tokens": tokens,
@@ -368,6 +479,7 @@ def _loop(
         return digest
 
     step, tokens, train_s, loss_value, stopped_by = 0, 0, 0.0, float("nan"), ""
+    last_ckpt = resumed.step if resumed is not None else 0
     if resumed is None:
         val_initial = val_loss()
         last_val = (0, val_initial)
@@ -423,6 +535,12 @@ def _loop(
             optimizer.step()
             assert loss_sum is not None
             loss_value = loss_sum.item() / accum  # a device sync point on GPU; once per step is fine
+            if not math.isfinite(loss_value):
+                kept = f"step {last_ckpt}" if last_ckpt else "none yet"
+                raise TrainError(
+                    f"the training loss became {loss_value} at step {step + 1}; the run stops here and its last "
+                    f"good checkpoint ({kept}) is kept. Lower training.lr, set training.grad_clip, or check the data"
+                )
             train_s += time.perf_counter() - ts
             step += 1
             tokens += B * T * accum
@@ -432,6 +550,7 @@ def _loop(
                 log(step, val_loss=last_val[1])
             if step % cfg.checkpoint_every == 0:
                 checkpoint()
+                last_ckpt = step
             if step % METRIC_FLUSH_STEPS == 0:
                 flush()
             done = step if cfg.seconds is None else 1000 * frac
@@ -445,6 +564,11 @@ def _loop(
         last_val = (step, val_final)
         log(step, val_loss=val_final)
     digest = checkpoint()
+    lora_digest = None
+    if lora:
+        wrapped = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        meta = {"aifab.lora": json.dumps({"rank": wrapped[0].lora_a.shape[0], "scaling": wrapped[0].scaling})}
+        lora_digest = store.artifacts.put_bytes(st_save(lora_state_dict(model), metadata=meta))
     elapsed_s = time.perf_counter() - t0
     summary = {
         "steps": step,
@@ -462,6 +586,8 @@ def _loop(
         "device": device.name,
         "dtype": device.dtype,
         "compiled": device.compile,
+        "window": T,
+        "lora_digest": lora_digest,
     }
     return summary, digest, elapsed_s
 
