@@ -16,7 +16,7 @@ from rich.progress import (
 err = Console(stderr=True)
 
 
-def progress(*extra: TextColumn, counts: bool = True, transient: bool = False) -> Progress:
+def progress(*extra: TextColumn, counts: bool = True, transient: bool = False, disable: bool = False) -> Progress:
     """A progress bar with percentage, elapsed time and ETA. `extra` adds live fields such as loss or
     tokens/s; `counts=False` hides the done/total column when the total is not a count of things."""
     return Progress(
@@ -30,5 +30,5 @@ def progress(*extra: TextColumn, counts: bool = True, transient: bool = False) -
         TimeRemainingColumn(),
         console=err,
         transient=transient,
-        disable=os.environ.get("AIFAB_NO_PROGRESS") == "1",
+        disable=disable or os.environ.get("AIFAB_NO_PROGRESS") == "1",
     )

@@ -127,6 +127,11 @@ class TrainingSpec(_Section):
         default="auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; weights stay fp32."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available.")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="Across processes (torchrun, Ray): auto = DDP, or FSDP2 when the training state cannot fit one "
+        "device.",
+    )
 
 
 class EvaluationSpec(_Section):
@@ -317,6 +322,10 @@ training:
   dtype: auto
   # auto: cuda when a CUDA device is available, else cpu. Or cpu, cuda.
   device: auto
+  # Only when several processes train together (torchrun, or aifab train --engine ray): each takes
+  # batch_size / processes rows of every batch. auto: DDP, or FSDP2 (sharded parameters, gradients and
+  # optimizer state) when the training state cannot fit one device. Or ddp, fsdp.
+  parallel: auto
 
 evaluation:
   # Validation batches for loss and perplexity, and prompts for sampled completions.

@@ -107,6 +107,8 @@ def train_command(
                 raise AifabError(str(e)) from None
             fine_tune = FineTune(f"{mv.name}:{mv.version}", mv.weights_digest, mv.tokenizer_digest, lora)
         result = train(store, ds.id, mspec, training, base=fine_tune)
+    if _finish_process_group():  # under torchrun, rank 0 alone registers and reports
+        return
     with store.db.session() as s:
         run = s.get(Run, result.run_id)
         dataset_version_id = run.dataset_version_id if run is not None else None
@@ -131,3 +133,14 @@ def train_command(
     )
     if as_json:
         print(json.dumps(asdict(result)))
+
+
+def _finish_process_group() -> bool:
+    """Leave the torchrun process group, if there is one; True on ranks other than 0."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return False
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    return rank != 0

@@ -129,10 +129,11 @@ def merge_lora(model: M) -> M:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def merged_state_dict(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The state dict `merge_lora(model)` would have, without touching `model`: each adapted Linear's weight
-    is base + B @ A * scaling (in fp32, cast back) under the plain module's names; no adapter tensors."""
-    sd = dict(model.state_dict())
+    is base + B @ A * scaling (in fp32, cast back) under the plain module's names; no adapter tensors.
+    `state` (default `model.state_dict()`) supplies the tensors, e.g. a full state gathered from FSDP shards."""
+    sd = dict(model.state_dict() if state is None else state)
     for name, m in model.named_modules():
         if isinstance(m, LoraLinear):
             for key in ("weight", "bias"):
@@ -140,7 +141,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 if value is not None:
                     sd[f"{name}.{key}"] = value
             w = sd[f"{name}.weight"]
-            delta = (m.lora_b.float() @ m.lora_a.float()) * m.scaling
+            delta = (sd[f"{name}.lora_b"].float() @ sd[f"{name}.lora_a"].float()) * m.scaling
             sd[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
             del sd[f"{name}.lora_a"], sd[f"{name}.lora_b"]
     return sd

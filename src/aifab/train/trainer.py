@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import delete
@@ -32,6 +32,9 @@ from aifab.store.shards import TokenShards
 from aifab.train.checkpoint import KEEP_LAST, Checkpoint, latest_complete, rng_state, set_rng_state
 from aifab.train.checkpoint import save as save_checkpoint
 from aifab.train.schedule import lr_at
+
+if TYPE_CHECKING:
+    from aifab.train.parallel import Group, Strategy
 
 METRIC_FLUSH_STEPS = 10  # rows are batched so the DB sees one commit per 10 steps, not one per step
 
@@ -111,15 +114,18 @@ class FineTune:
         return {"model": self.model, "weights_digest": self.weights_digest, "lora": lora}
 
 
-def estimate_train_bytes(config: ModelConfig, params: int, trainable: int, batch: int, window: int, dtype: str) -> int:
+def estimate_train_bytes(
+    config: ModelConfig, params: int, trainable: int, batch: int, window: int, dtype: str, shards: int = 1
+) -> int:
     """A floor on the memory one training process needs, to refuse shapes that cannot fit before allocating:
     fp32 weights (4 B/parameter), fp32 gradients and the two AdamW moments of the trainable ones (12 B each),
     the fp32 logits and their gradient, and per layer the ~10 d-wide activations per token that the backward
-    pass keeps (2 B each under bf16 autocast). Real use is higher; only a shape below this floor can fit."""
+    pass keeps (2 B each under bf16 autocast). Real use is higher; only a shape below this floor can fit.
+    `batch` is the per-process batch; under FSDP the weights and optimizer state are split `shards` ways."""
     tokens = batch * window
     act = 2 if dtype == "bf16" else 4
     activations = tokens * config.n_layer * 10 * config.d_model * act + tokens * config.vocab_size * 8
-    return 4 * params + 12 * trainable + activations
+    return (4 * params + 12 * trainable) // shards + activations
 
 
 def available_bytes(device: "Device") -> int:
@@ -174,9 +180,13 @@ def train(
     from aifab.nn.lora import apply_lora, count_trainable
     from aifab.nn.transformer import Transformer, num_params
     from aifab.nn.weights import from_bytes
+    from aifab.train import parallel
 
     if cfg.steps is None and cfg.seconds is None:
         raise TrainError("training needs a budget: set training.steps or training.seconds")
+    group = parallel.init(use_cuda=cfg.device != "cpu" and torch.cuda.is_available())
+    if cfg.batch_size % group.world:
+        raise TrainError(f"training.batch_size {cfg.batch_size} does not split over {group.world} processes")
     with store.db.session() as s:
         ds = s.get(DatasetVersion, dataset_version_id)
         if ds is None:
@@ -188,7 +198,7 @@ def train(
     init: dict[str, Any] | None = None
     if resume_run_id is not None:
         run_id = resume_run_id
-        config, resumed, window, init = _reopen(store, run_id, dataset_version_id, cfg)
+        config, resumed, window, init = _reopen(store, run_id, dataset_version_id, cfg, mutate=group.main)
     elif base is not None:
         config = _base_config(store, base, tokenizer_digest, dataset_label)
         window = model_spec.context_len or config.context_len
@@ -215,8 +225,17 @@ def train(
         probe = Transformer(config)
         n_params = num_params(probe)
         trainable = count_trainable(apply_lora(probe, lora)) if lora else n_params
-    need = estimate_train_bytes(config, n_params, trainable, cfg.batch_size, window, device.dtype)
+    per_rank = cfg.batch_size // group.world
+
+    def need_bytes(shards: int) -> int:
+        return estimate_train_bytes(config, n_params, trainable, per_rank, window, device.dtype, shards)
+
     have = available_bytes(device)
+    strategy: parallel.Strategy = "single"
+    if group.world > 1:
+        auto = "ddp" if need_bytes(1) <= have else "fsdp"
+        strategy = "ddp" if (auto if cfg.parallel == "auto" else cfg.parallel) == "ddp" else "fsdp"
+    need = need_bytes(group.world if strategy == "fsdp" else 1)
     if need > have:
         raise TrainError(
             f"this run cannot fit in memory: {n_params:,} parameters at batch {cfg.batch_size} x {window} tokens "
@@ -224,7 +243,7 @@ def train(
             f"{device.type} has {have / 1e9:.1f} GB; lower training.batch_size, the context or the model size"
         )
 
-    if resumed is None:
+    if resumed is None and group.main:
         run_id = uuid.uuid4().hex[:12]
         params = {
             "model": config.to_dict(),
@@ -247,9 +266,11 @@ def train(
             )
             s.flush()
             link(s, ("dataset", dataset_version_id), ("run", run_id), "input")
+    run_id = parallel.from_main(group, run_id if group.main or resumed is not None else None)
     try:
         torch.manual_seed(cfg.seed)
-        torch.set_num_threads(os.cpu_count() or 1)
+        # the processes on one node share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.local_world))
         if base is not None and resumed is None:
             model = from_bytes(store.artifacts.get_bytes(base.weights_digest), config)
         else:
@@ -258,21 +279,38 @@ def train(
             apply_lora(model, lora)
         ckpt_dir = store.work_dir("runs", run_id, "checkpoints")
         result = _loop(
-            store, run_id, model, shards, cfg, stop_check, ckpt_dir, keep_last, resumed, device, window, n_params
+            store,
+            run_id,
+            model,
+            shards,
+            cfg,
+            stop_check,
+            ckpt_dir,
+            keep_last,
+            resumed,
+            device,
+            window,
+            n_params,
+            group,
+            strategy,
         )
     except BaseException as e:
+        if not group.main:
+            raise
         with store.db.session() as s:
             run = s.get(Run, run_id)
             assert run is not None
             run.status, run.ended_at = "failed", utcnow()
             run.error = f"{type(e).__name__}: {e}"[:2000]
         raise
-    summary, digest, elapsed_s = result
-    with store.db.session() as s:
-        run = s.get(Run, run_id)
-        assert run is not None
-        run.status, run.ended_at, run.elapsed_s = "completed", utcnow(), elapsed_s
-        run.checkpoint_digest, run.summary = digest, summary
+    summary, digest, elapsed_s = parallel.from_main(group, result)  # the other ranks return rank 0's result
+    if group.main:
+        with store.db.session() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            run.status, run.ended_at, run.elapsed_s = "completed", utcnow(), elapsed_s
+            run.checkpoint_digest, run.summary = digest, summary
+    parallel.barrier(group)
     return TrainResult(
         run_id=run_id,
         checkpoint_digest=digest,
@@ -329,7 +367,7 @@ def resume(
 
 
 def _reopen(
-    store: Store, run_id: str, dataset_version_id: int, cfg: TrainingSpec
+    store: Store, run_id: str, dataset_version_id: int, cfg: TrainingSpec, mutate: bool = True
 ) -> tuple[ModelConfig, Checkpoint, int, dict[str, Any] | None]:
     """Check run `run_id` can resume, load its newest complete checkpoint, drop the metrics logged after it,
     and mark it running again. Returns the run's model config, the checkpoint, training window and init."""
@@ -353,6 +391,8 @@ def _reopen(
     ckpt = latest_complete(ckpt_dir)
     if ckpt is None:
         raise TrainError(f"run {run_id} has no complete checkpoint to resume from (in {ckpt_dir})")
+    if not mutate:  # a rank other than 0 of a parallel run: rank 0 updates the run
+        return config, ckpt, window, init
     with store.db.session() as s:
         s.execute(delete(RunMetric).where(RunMetric.run_id == run_id, RunMetric.step > ckpt.step))
         run = s.get(Run, run_id)
@@ -375,6 +415,8 @@ def _loop(
     device: Device,
     window: int,
     n_params: int,
+    group: "Group",
+    strategy: "Strategy",
 ) -> tuple[dict[str, Any], str, float]:
     import contextlib
 
@@ -384,20 +426,23 @@ def _loop(
 
     from aifab.nn.lora import LoraLinear, lora_state_dict, merged_state_dict
     from aifab.nn.weights import CONFIG_KEY, state_for_save
+    from aifab.train import parallel
 
     T, B, accum = window, cfg.batch_size, cfg.grad_accum_steps
+    mine = parallel.rows(group, B)  # this process's rows of every batch
     lora = any(isinstance(m, LoraLinear) for m in model.modules())
-    dev = torch.device(device.type)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else torch.device("cpu")
     model.to(dev)
+    wrapped = parallel.wrap(model, strategy, dev)
     # the compiled module shares the parameters; `model` (uncompiled) keeps its state_dict keys for checkpoints
-    fwd = torch.compile(model) if device.compile else model
+    fwd = torch.compile(wrapped) if device.compile else wrapped
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
         if device.dtype == "bf16"
         else contextlib.nullcontext
     )
     flops_token = flops_per_token(n_params, model.config.n_layer, model.config.d_model, T)
-    peak = device.peak_flops
+    peak = device.peak_flops * group.world if device.peak_flops else None  # tokens/s are the whole group's
 
     def mfu_of(tokens_per_s: float) -> float | None:
         return flops_token * tokens_per_s / peak if peak else None
@@ -421,7 +466,8 @@ def _loop(
         losses = []
         for x, y in val_batches:
             with autocast():
-                losses.append(fwd(to_dev(x), to_dev(y))[1].item())
+                loss = fwd(to_dev(x[mine]), to_dev(y[mine]))[1]
+            losses.append(parallel.mean(group, loss).item())
         model.train()
         return float(np.mean(losses))
 
@@ -429,24 +475,31 @@ def _loop(
     t0 = time.perf_counter()  # reset below: the budget counts training, not the first evaluation
 
     def log(step: int, **values: float) -> None:
+        if not group.main:
+            return
         elapsed = time.perf_counter() - t0
         pending.extend(
             RunMetric(run_id=run_id, step=step, key=k, value=float(v), elapsed_s=elapsed) for k, v in values.items()
         )
 
     def flush() -> None:
-        if pending:
+        if pending and group.main:
             with store.db.session() as s:
                 s.add_all(pending)
             pending.clear()
 
     def checkpoint() -> str:
         """Write a resumable checkpoint, store the weights and point the run at them, so a failed run still
-        names its last checkpoint. Metrics are flushed first: the history never lags its checkpoint."""
+        names its last checkpoint. Metrics are flushed first: the history never lags its checkpoint.
+        Under FSDP every rank takes part in gathering the full state; rank 0 writes it."""
         flush()
-        weights = state_for_save(model)  # with LoRA: the frozen base and the adapters, under their own names
+        full = parallel.model_state(model, strategy)
+        optimizer_sd = parallel.optimizer_state(model, optimizer, strategy)
+        if not group.main:
+            return ""
+        weights = state_for_save(model, full)  # with LoRA: the frozen base and the adapters, under their own names
         meta = {CONFIG_KEY: json.dumps(model.config.to_dict())}  # the same bytes as nn.weights.to_bytes
-        plain = state_for_save(model, merged_state_dict(model)) if lora else weights
+        plain = state_for_save(model, merged_state_dict(model, full)) if lora else weights
         digest = store.artifacts.put_bytes(st_save(plain, metadata=meta))
         state = {
             "run_id": run_id,
@@ -469,9 +522,7 @@ def _loop(
             "model_config": model.config.to_dict(),
             "weights_digest": digest,
         }
-        save_checkpoint(
-            ckpt_dir, step, weights, optimizer.state_dict(), state, model_metadata=meta, keep_last=keep_last
-        )
+        save_checkpoint(ckpt_dir, step, weights, optimizer_sd, state, model_metadata=meta, keep_last=keep_last)
         with store.db.session() as s:
             run = s.get(Run, run_id)
             assert run is not None
@@ -487,10 +538,9 @@ def _loop(
         t0 = time.perf_counter()
     else:
         st = resumed.state
-        missing, unexpected = model.load_state_dict(resumed.model, strict=False)
+        missing, unexpected = parallel.load(model, optimizer, resumed.model, resumed.optimizer, strategy)
         if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
             raise TrainError(f"checkpoint {resumed.path} does not match the model: missing {missing[:3]}")
-        optimizer.load_state_dict(resumed.optimizer)
         set_rng_state(st["rng"])
         step, tokens, train_s, loss_value = resumed.step, int(st["tokens"]), float(st["train_s"]), st["train_loss"]
         val_initial = float(st["val_loss_initial"])
@@ -503,7 +553,7 @@ def _loop(
         TextColumn("{task.fields[tps]:,.0f} tok/s"),
         TextColumn("mfu {task.fields[mfu]:.1%}"),
     )
-    with progress(*columns, counts=False) as bar:
+    with progress(*columns, counts=False, disable=not group.main) as bar:
         task = bar.add_task("train", total=total, step=step, loss=float("nan"), tps=0.0, mfu=0.0)
         while True:
             elapsed = time.perf_counter() - t0
@@ -514,27 +564,34 @@ def _loop(
                 stopped_by = "seconds"
             else:
                 stopped_by = stop_check() or ""
+            stopped_by = parallel.from_main(group, stopped_by)  # clocks differ: rank 0 decides for all
             if stopped_by and step > 0:  # every run takes at least one step, so it has a checkpoint
                 break
             lr = lr_at(step, frac, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for pg in optimizer.param_groups:
+                pg["lr"] = lr
             ts = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss_sum = None
             for micro in range(accum):
                 # micro-batch `micro` of step `step` is loader batch step*accum+micro: with accum=1, batch `step`
                 x, y = batches.batch_at(step * accum + micro)
-                with autocast():
-                    _, loss = fwd(to_dev(x), to_dev(y))
-                # gradients add up over micro-batches; 1/accum makes them the mean over the step's tokens
-                (loss / accum if accum > 1 else loss).backward()
+                # DDP averages gradients across ranks on the last micro-batch only
+                last = strategy != "ddp" or micro == accum - 1
+                sync = contextlib.nullcontext() if last else wrapped.no_sync()  # type: ignore[operator]
+                with sync:
+                    with autocast():
+                        _, loss = fwd(to_dev(x[mine]), to_dev(y[mine]))
+                    # gradients add up over micro-batches; 1/accum makes them the mean over the step's tokens
+                    (loss / accum if accum > 1 else loss).backward()
                 loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             assert loss_sum is not None
-            loss_value = loss_sum.item() / accum  # a device sync point on GPU; once per step is fine
+            loss_value = (
+                parallel.mean(group, loss_sum).item() / accum
+            )  # a device sync point on GPU; once per step is fine
             if not math.isfinite(loss_value):
                 kept = f"step {last_ckpt}" if last_ckpt else "none yet"
                 raise TrainError(
@@ -566,8 +623,8 @@ def _loop(
     digest = checkpoint()
     lora_digest = None
     if lora:
-        wrapped = [m for m in model.modules() if isinstance(m, LoraLinear)]
-        meta = {"aifab.lora": json.dumps({"rank": wrapped[0].lora_a.shape[0], "scaling": wrapped[0].scaling})}
+        adapted = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        meta = {"aifab.lora": json.dumps({"rank": adapted[0].lora_a.shape[0], "scaling": adapted[0].scaling})}
         lora_digest = store.artifacts.put_bytes(st_save(lora_state_dict(model), metadata=meta))
     elapsed_s = time.perf_counter() - t0
     summary = {
