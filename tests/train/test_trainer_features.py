@@ -11,7 +11,8 @@ from aifab.spec import DataSpec, TrainingSpec
 from aifab.store import Store
 from aifab.store.schema import Run
 from aifab.store.shards import TokenShards
-from aifab.train.trainer import flops_per_token, resolve_device, train
+from aifab.train.device import flops_per_token, resolve_device
+from aifab.train.trainer import train
 from helpers import TINY_MODEL, TINY_TOKENIZER
 
 STEPS = TrainingSpec(
