@@ -142,5 +142,6 @@ def _finish_process_group() -> bool:
     if not dist.is_initialized():
         return False
     rank = dist.get_rank()
+    dist.barrier()  # no rank tears its gloo connections down while a peer still uses them (that aborts the peer)
     dist.destroy_process_group()
     return rank != 0
