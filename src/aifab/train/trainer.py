@@ -125,11 +125,13 @@ def train(
     shards = TokenShards(store.artifacts, manifest_digest)
     resumed: Checkpoint | None = None
     init: dict[str, Any] | None = None
+    base_weights: bytes | None = None  # a fine-tune's starting weights, read once: config first, tensors later
     if resume_run_id is not None:
         run_id = resume_run_id
         config, resumed, window, init = _reopen(store, run_id, dataset_version_id, cfg, mutate=group.main)
     elif base is not None:
-        config = _base_config(store, base, tokenizer_digest, dataset_label)
+        base_weights = store.artifacts.get_bytes(base.weights_digest)
+        config = _base_config(base, base_weights, tokenizer_digest, dataset_label)
         window = model_spec.context_len or config.context_len
         init = base.to_params()
     else:
@@ -200,10 +202,8 @@ def train(
         torch.manual_seed(cfg.seed)
         # the processes on one node share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.local_world))
-        if base is not None and resumed is None:
-            model = from_bytes(store.artifacts.get_bytes(base.weights_digest), config)
-        else:
-            model = Transformer(config)  # a resumed run loads its checkpoint over this
+        # a resumed run loads its checkpoint over the fresh init
+        model = from_bytes(base_weights, config) if base_weights is not None else Transformer(config)
         if lora is not None:
             apply_lora(model, lora)
         ckpt_dir = store.work_dir("runs", run_id, "checkpoints")
@@ -258,7 +258,7 @@ def train(
     )
 
 
-def _base_config(store: Store, base: FineTune, tokenizer_digest: str, dataset_label: str) -> ModelConfig:
+def _base_config(base: FineTune, weights: bytes, tokenizer_digest: str, dataset_label: str) -> ModelConfig:
     """The base model's config from its weights file; refuses a dataset tokenized with another tokenizer."""
     from aifab.nn.weights import config_from_bytes
 
@@ -268,7 +268,7 @@ def _base_config(store: Store, base: FineTune, tokenizer_digest: str, dataset_la
             f"nothing to that model; ingest it with `aifab ingest ... --tokenizer-from {base.model}`"
         )
     try:
-        return config_from_bytes(store.artifacts.get_bytes(base.weights_digest))
+        return config_from_bytes(weights)
     except ValueError as e:
         raise TrainError(f"the weights of {base.model} cannot be used: {e}") from None
 
