@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -45,16 +46,25 @@ def train_command(
     ),
     lr: float | None = typer.Option(None, "--lr", min=1e-9, help="Peak learning rate (default: training.lr)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A factory.yaml for model/training settings."),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        help="local (this process, or torchrun's) or ray (Ray Train on RAY_ADDRESS, or a local Ray).",
+    ),
+    workers: int = typer.Option(2, "--workers", min=1, help="With --engine ray: Ray Train workers (one GPU each)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on the last line."),
 ) -> None:
     """Train MODEL on DATASET within a budget (or resume RUN, or fine-tune --from a registered model), then
     register the result as NAME (alias latest)."""
     from aifab.nn.config import LoraConfig
     from aifab.registry.models import register, resolve
+    from aifab.train.engines import ENGINES, run_on_ray
     from aifab.train.trainer import FineTune, train
     from aifab.train.trainer import resume as resume_run
 
     check_name(name, "model name")
+    if engine not in ENGINES:
+        raise AifabError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if steps is not None and seconds is not None:
         raise AifabError("give one budget: --steps or --seconds, not both")
     if lora_rank is not None and base is None:
@@ -77,7 +87,7 @@ def train_command(
         ]
         if given:
             raise AifabError(f"--resume continues the run's own dataset, model and settings; drop {', '.join(given)}")
-        result = resume_run(store, resume, steps=steps, seconds=seconds)
+        job = partial(resume_run, run_id=resume, steps=steps, seconds=seconds)
     else:
         if dataset is None:
             raise AifabError("--dataset is required (or --resume RUN)")
@@ -106,7 +116,12 @@ def train_command(
             except ValueError as e:
                 raise AifabError(str(e)) from None
             fine_tune = FineTune(f"{mv.name}:{mv.version}", mv.weights_digest, mv.tokenizer_digest, lora)
-        result = train(store, ds.id, mspec, training, base=fine_tune)
+        job = partial(train, dataset_version_id=ds.id, model_spec=mspec, cfg=training, base=fine_tune)
+    if engine == "ray":
+        out.print(f"training on Ray Train with {workers} workers")
+        result = run_on_ray(store, job, workers)
+    else:
+        result = job(store)
     if _finish_process_group():  # under torchrun, rank 0 alone registers and reports
         return
     with store.db.session() as s:

@@ -85,13 +85,11 @@ def _local(
 def _ray(
     paths: list[str], opts: SourceOptions, curation: CurationSpec, root: str, on_done: Callable[[int], None]
 ) -> list[dict[str, Any]]:
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise DataError("--engine ray needs Ray: pip install 'aifab[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    from aifab.cluster import connect
+
+    connect(DataError)
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # entries must come back in input order
     ctx.enable_progress_bars = False

@@ -13,7 +13,8 @@ state dict of a plain `torch.optim` optimizer (parameters numbered in param-grou
 FSDP on 8 GPUs resumes in one process, and back. Rank 0 writes; every rank reads.
 
 The process group comes from whoever launched the processes: `torchrun` (RANK / WORLD_SIZE in the
-environment; `init()` creates the group) or Ray Train (the group already exists in each worker).
+environment; `init()` creates the group and binds rank r of a node to its GPU r) or Ray Train (the group
+already exists in each worker; see `aifab.train.engines`).
 """
 
 import os
@@ -41,6 +42,8 @@ class Group:
 def init(use_cuda: bool) -> Group:
     """Join the process group the launcher prepared (creating it under torchrun), or run alone."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if use_cuda:  # one GPU per process on a node (Ray Train sets the device itself)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
         return Group(0, 1, 1)
