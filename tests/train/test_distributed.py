@@ -5,6 +5,7 @@ DDP and FSDP2 runs must match the single-process losses up to float rounding; ra
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,3 +72,21 @@ def test_two_processes_follow_the_single_process_run(tmp_path: Path, parallel: s
             assert run is not None and run.status == "completed"
     finally:
         store.close()
+    if parallel != "fsdp":
+        return
+    # A checkpoint gathered from FSDP2 shards resumes in one plain process: as if the torchrun job had died
+    # after its step-10 checkpoint, the lone process's steps 11-12 must be the single-process run's.
+    shutil.rmtree(home / "work" / "runs" / str(two["run_id"]) / "checkpoints" / "step-000012")
+    store = Store(home)
+    try:
+        with store.db.session() as s:
+            run = s.get(Run, two["run_id"])
+            assert run is not None
+            run.status = "failed"
+    finally:
+        store.close()
+    resumed = aifab("train", "--resume", str(two["run_id"]), "--name", "two", "--json", home=home, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    after = losses(home, two["run_id"])
+    assert len(after) == 12 and after[:10] == b[:10]
+    assert after[10:] == pytest.approx(a[10:], rel=1e-5, abs=1e-5)
