@@ -527,10 +527,12 @@ def _loop(
                     f"the training loss became {loss_value} at step {step + 1}; the run stops here and its last "
                     f"good checkpoint ({kept}) is kept. Lower training.lr, set training.grad_clip, or check the data"
                 )
-            train_s += time.perf_counter() - ts
+            step_s = time.perf_counter() - ts
+            train_s += step_s
             step += 1
             tokens += B * T * accum
-            log(step, train_loss=loss_value, lr=lr)
+            step_tps = B * T * accum / max(step_s, 1e-9)  # this step's own rate: the history shows stalls
+            log(step, train_loss=loss_value, lr=lr, tokens_per_s=step_tps, **_some(mfu=mfu_of(step_tps)))
             if step % cfg.eval_every == 0:
                 last_val = (step, val_loss())
                 log(step, val_loss=last_val[1])
@@ -576,6 +578,11 @@ def _loop(
         "lora_digest": lora_digest,
     }
     return summary, digest, elapsed_s
+
+
+def _some(**values: float | None) -> dict[str, float]:
+    """The values that exist (MFU is None for a device without a catalogued peak)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
