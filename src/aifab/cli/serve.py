@@ -15,6 +15,7 @@ def serve(
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     api_key: str | None = typer.Option(None, "--api-key", help="Require this bearer key (or set AIFAB_API_KEY)."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests before 429."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, max=1024, help="Sequences decoded together."),
 ) -> None:
     """Serve a registered model over HTTP until interrupted."""
     from aifab.serve.api import create_app
