@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from aifab.serve.api import create_app
-from aifab.serve.engine import Delta, Done, Engine, LoadedModel, Request
+from aifab.serve.engine import Done, Engine, Event, LoadedModel, Request
 from aifab.serve.sampling import SamplingParams
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
@@ -272,75 +272,74 @@ def test_api_key_is_required_once_set(engine: Engine) -> None:
 # --- load and disconnects --------------------------------------------------------------------------------------
 
 
-def test_queue_full_is_a_429_with_retry_after(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_queue_full_is_a_429_with_retry_after(loaded: LoadedModel) -> None:
     engine = Engine(loaded, max_queue=1)
     entered, release = threading.Event(), threading.Event()
-    run_one = engine._run_one
-
-    def blocked(req: Request) -> None:
-        entered.set()
-        release.wait(WAIT_S)
-        run_one(req)
-
-    monkeypatch.setattr(engine, "_run_one", blocked)
     done = [threading.Event(), threading.Event()]
 
-    def emit_to(flag: threading.Event) -> Any:
-        return lambda e: flag.set() if isinstance(e, Done) else None
+    def blocking(event: Event) -> None:  # the worker thread waits inside the first request's first event
+        entered.set()
+        release.wait(WAIT_S)
+        if isinstance(event, Done):
+            done[0].set()
 
     params = SamplingParams(max_tokens=2, temperature=0)
     try:
         with BackgroundServer(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
-            engine.submit(Request(loaded.encode("def"), params, emit_to(done[0])))
+            engine.submit(Request(loaded.encode("def"), params, blocking))
             assert entered.wait(WAIT_S)  # the worker is busy with the first request
-            engine.submit(Request(loaded.encode("def"), params, emit_to(done[1])))  # and the queue is full
-            r = c.post("/v1/completions", json=body())
+            engine.submit(Request(loaded.encode("def"), params, lambda e: isinstance(e, Done) and done[1].set()))
+            r = c.post("/v1/completions", json=body())  # the queue holds one request: this one is refused
             assert_error(r, 429, None, kind="rate_limit_error")
             assert r.headers["retry-after"] == "1"
             release.set()
-            assert all(d.wait(WAIT_S) for d in done)
+            assert all(d.wait(WAIT_S) for d in done)  # the admitted requests are still served
             assert c.post("/v1/completions", json=body(max_tokens=2)).status_code == 200
+            assert 'aifab_rejected_requests_total{model="tiny:1"} 1.0' in c.get("/metrics").text
     finally:
         release.set()
         engine.close()
 
 
-def endless(outcome: list[str]) -> Any:
-    """An engine step that streams "x" until cancelled (or for a very long time), recording how it ended."""
+def slowed(engine: Engine, monkeypatch: pytest.MonkeyPatch, step_s: float = 0.05) -> list[str]:
+    """Make every engine step take at least `step_s`, so a stream lasts long enough to walk away from;
+    returns the finish reasons of the requests the engine ends, as it ends them."""
+    execute, finish = engine._execute, engine._finish
+    reasons: list[str] = []
 
-    def run_one(req: Request) -> None:
-        for _ in range(20_000):
-            if req.cancelled.is_set():
-                outcome.append("cancelled")
-                req.emit(Done("cancelled", len(req.prompt_ids), 0))
-                return
-            req.emit(Delta("x"))
-            time.sleep(0.002)
-        outcome.append("ran to the end")
-        req.emit(Done("length", len(req.prompt_ids), 0))
+    def slow(step: Any) -> Any:
+        time.sleep(step_s)
+        return execute(step)
 
-    return run_one
+    def record(seq: Any, reason: str, error: str | None = None) -> None:
+        reasons.append(reason)
+        finish(seq, reason, error)
+
+    monkeypatch.setattr(engine, "_execute", slow)
+    monkeypatch.setattr(engine, "_finish", record)
+    return reasons
 
 
-def test_client_disconnect_mid_stream_frees_the_engine(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+LONG = {"max_tokens": 25, "ignore_eos": True, "prompt": "def"}  # 25 steps of 50 ms, whatever the model says
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = Engine(loaded)
-    outcome: list[str] = []
-    monkeypatch.setattr(engine, "_run_one", endless(outcome))
+    reasons = slowed(engine, monkeypatch)
     try:
         with BackgroundServer(create_app(engine)) as srv:
             with (
                 httpx.Client(base_url=srv.url, timeout=WAIT_S) as c,
-                c.stream("POST", "/v1/completions", json=body(stream=True)) as r,
+                c.stream("POST", "/v1/completions", json=body(stream=True, **LONG)) as r,
             ):
                 lines = r.iter_lines()
                 assert next(line for line in lines if line.startswith("data: "))
-                wait_until(lambda: engine.running == 1, "the engine to start")
-            # the client and its connection are gone
-            wait_until(lambda: bool(outcome), "the engine to finish the abandoned request")
-            assert outcome == ["cancelled"]
-            wait_until(lambda: engine.running == 0, "the engine to go idle")
-            monkeypatch.undo()  # the real model again
+                assert engine.running == 1
+            # the client and its connection are gone: the slot is free well before the 25 steps would end
+            wait_until(lambda: engine.running == 0, "the engine to drop the abandoned request")
+            assert reasons == ["cancelled"]
             with httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
+                assert 'aifab_running_requests{model="tiny:1"} 0.0' in c.get("/metrics").text
                 r2 = c.post("/v1/completions", json=body(max_tokens=2))
                 assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] >= 1
     finally:
@@ -349,18 +348,17 @@ def test_client_disconnect_mid_stream_frees_the_engine(loaded: LoadedModel, monk
 
 def test_request_timeout_is_a_504_and_frees_the_engine(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = Engine(loaded)
-    outcome: list[str] = []
-    monkeypatch.setattr(engine, "_run_one", endless(outcome))
+    reasons = slowed(engine, monkeypatch)
     try:
         app = create_app(engine, request_timeout_s=0.2)
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
-            assert_error(c.post("/v1/completions", json=body()), 504, None, kind="server_error")
-            wait_until(lambda: bool(outcome), "the engine to drop the timed-out request")
-            events = stream(c, body())
+            assert_error(c.post("/v1/completions", json=body(**LONG)), 504, None, kind="server_error")
+            wait_until(lambda: len(reasons) == 1, "the engine to drop the timed-out request")
+            events = stream(c, body(**LONG))
             assert events[-1] == "[DONE]"
             assert json.loads(events[-2])["error"]["type"] == "server_error"
-            wait_until(lambda: len(outcome) == 2, "the engine to drop the timed-out stream")
-        assert outcome == ["cancelled", "cancelled"]
+            wait_until(lambda: len(reasons) == 2, "the engine to drop the timed-out stream")
+        assert reasons == ["cancelled", "cancelled"]
     finally:
         engine.close()
 

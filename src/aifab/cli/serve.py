@@ -25,7 +25,7 @@ def serve(
     store = open_store()
     loaded = LoadedModel.load(store, model)
     sock = bind(host, port)  # an occupied port fails here, before the engine starts
-    engine = Engine(loaded, max_queue=max_queue)
+    engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch)
     key = api_key or os.environ.get("AIFAB_API_KEY") or None
     bound_host, bound_port = sock.getsockname()[:2]  # the real port when --port 0 asked for any free one
     auth = " with an API key" if key else ""

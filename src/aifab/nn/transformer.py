@@ -7,6 +7,7 @@ T time, C d_model, nh heads, nkv key/value heads, hs head size, V vocabulary. Th
 """
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.type_as(x)
 
 
+class Cache(Protocol):
+    """Where attention keeps its keys and values during generation. `attend` stores this step's k, v for
+    `layer` and returns the attention output for q; q: (B, nh, T, hs), k/v: (B, nkv, T, hs) -> (B, nh, T, hs).
+    `KVCache` holds one batch of equal-length sequences; the serving engine's slot cache holds many."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos: int, gqa: bool) -> Tensor: ...
+
+
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions: (B, nkv, max_len, hs) each."""
 
@@ -62,6 +71,15 @@ class KVCache:
         self.v[layer][:, :, pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos: int, gqa: bool) -> Tensor:
+        T = q.size(2)
+        k, v = self.update(layer, pos, k, v)  # (B, nkv, pos+T, hs)
+        if T == 1:  # one new token sees every cached position: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        # new token i (absolute pos+i) sees keys 0..pos+i
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -73,7 +91,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.d_model, config.d_model + 2 * kv_dim, bias=config.bias or config.qkv_bias)
         self.wo = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, pos: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Cache | None, pos: int) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split([C, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -84,12 +102,7 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, pos+T, hs)
-            if T == 1:  # one new token sees every cached position: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # new token i (absolute pos+i) sees keys 0..pos+i
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = cache.attend(self.layer, q, k, v, pos, gqa)
         out: Tensor = self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
         return out
 
@@ -119,7 +132,7 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, pos: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Cache | None, pos: int) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
         out: Tensor = x + self.mlp(self.mlp_norm(x))
         return out
@@ -158,24 +171,40 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, pos: int = 0
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: Cache | None = None,
+        pos: int = 0,
+        positions: Tensor | None = None,
+        logits_at: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets (B, T) are given.
 
         With a cache, idx holds the tokens at positions pos..pos+T and earlier positions come from the cache.
+        `positions` (T,) gives each token its own position instead (the serving engine packs tokens of many
+        sequences into one row); the cache then knows which sequence each token belongs to. `logits_at` (K,)
+        computes logits for those token indices only: (B, K, V).
         """
         T = idx.size(1)
-        if pos + T > self.config.context_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the context length {self.config.context_len}")
+        last = pos + T if positions is None else int(positions.max()) + 1
+        if last > self.config.context_len:
+            raise ValueError(f"sequence of {last} tokens exceeds the context length {self.config.context_len}")
         window = self.config.sliding_window
-        if window is not None and pos + T > window:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the sliding window {window} (not implemented)")
-        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        if window is not None and last > window:
+            raise ValueError(f"sequence of {last} tokens exceeds the sliding window {window} (not implemented)")
+        if positions is None:
+            cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+            positions = torch.arange(pos, pos + T, device=idx.device) if self.config.pos == "learned" else None
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.tok_emb(idx)  # (B, T, C)
-        if self.config.pos == "learned":
-            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
+        if positions is not None and self.config.pos == "learned":
+            x = x + self.pos_emb(positions)
         for block in self.blocks:
             x = block(x, cos, sin, cache, pos)
+        if logits_at is not None:
+            x = x[:, logits_at]
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:

@@ -1,21 +1,32 @@
-"""The engine: one worker thread that owns the model and turns queued requests into text events.
+"""The engine: one worker thread that owns the model and serves many requests at once by continuous batching.
 
-Contract: `submit()` enqueues a request or raises `QueueFull` at once when `max_queue` requests wait.
-The worker emits `Delta` events (new text) and exactly one `Done` event per request, through the
-request's `emit` callback, which must not block. Setting `request.cancelled` ends the request at its
-next token. The foundation serves one sequence at a time; continuous batching replaces `_run_one`.
+Contract: `submit()` enqueues a request or raises `QueueFull` at once when `max_queue` requests wait. The
+worker emits `Delta` events (new text) and exactly one `Done` event per request, through the request's `emit`
+callback, which must not block. Setting `request.cancelled` ends the request, and frees its batch slot, at the
+engine's next step.
+
+Each engine step is schedule -> execute -> update:
+- schedule (`Scheduler.schedule`): waiting requests take free KV-cache slots (up to `max_batch`); every
+  running sequence that has its prompt in the cache decodes one token; what is left of the step's token
+  budget (`chunk_tokens`) goes to prompt chunks, oldest request first. So a long prompt is prefilled over
+  several steps while the others keep decoding (chunked prefill), and no step is longer than the budget.
+- execute: one forward pass over all the step's tokens packed into one row (`serve.kv`), with logits only
+  where a next token is due (each decode token, and the last token of a finished prompt).
+- update: sample each due token with its request's own parameters, stream its text, and finish the
+  requests that hit EOS, a stop string, max_tokens or a cancel, freeing their slots for the next step.
 """
 
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aifab.errors import ServeError
-from aifab.serve.generate import generate
-from aifab.serve.sampling import SamplingParams
+from aifab.serve.metrics import ServeMetrics
+from aifab.serve.sampling import SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from aifab.store import Store
 from aifab.tokens import end_of_text_id
 
@@ -27,6 +38,7 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens generated since the last delta, when requested
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrival: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -54,27 +67,43 @@ class LoadedModel:
     names: frozenset[str]  # every model string a request may use to mean this model
     model: Any
     tokenizer: Any
-    eot_id: int
+    eot_id: int | None  # the end-of-text token found by name, if the vocabulary has one
     context_len: int
     created_at: int
+    stop_ids: frozenset[int] = frozenset()  # generation ends at any of these (the model's EOS tokens)
+    # put before every prompt: aifab-trained models start documents with EOT; an imported model's tokenizer
+    # adds its own BOS (or none), exactly as `transformers` encodes it
+    prefix_ids: tuple[int, ...] = ()
+    chat_template: str | None = None  # Jinja, from the imported tokenizer_config.json
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token, for the template
 
     @classmethod
-    def load(cls, store: Store, ref: str) -> "LoadedModel":
+    def load(cls, store: Store, ref: str, device: str | None = None) -> "LoadedModel":
+        """Load a registered model onto `device` (default: CUDA in bf16 when torch sees one, else CPU fp32)."""
+        import torch
         from tokenizers import Tokenizer
 
         from aifab.nn.weights import from_bytes
         from aifab.registry.models import aliases_of, resolve
 
         mv = resolve(store, ref)
-        model = from_bytes(store.artifacts.get_bytes(mv.weights_digest)).eval()
-        tok = Tokenizer.from_str(store.artifacts.get_bytes(mv.tokenizer_digest).decode())
         mid = f"{mv.name}:{mv.version}"
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = from_bytes(store.artifacts.get_bytes(mv.weights_digest)).to(device=device, dtype=dtype).eval()
+        tok = Tokenizer.from_str(store.artifacts.get_bytes(mv.tokenizer_digest).decode())
         # the bare name too: this server holds one version of it, so "demo" can only mean that one
         names = {mid, ref, mv.name, *(f"{mv.name}@{a}" for a in aliases_of(store, mv.id))}
+        generation: dict[str, Any] = dict(getattr(mv, "generation", None) or {})
         try:
-            eot = end_of_text_id(tok)
+            eot: int | None = end_of_text_id(tok)
         except ValueError as e:
-            raise ServeError(f"{mid}: {e}") from None
+            if not generation.get("eos_token_ids"):
+                raise ServeError(f"{mid}: {e}") from None
+            eot = None
+        stops = {int(i) for i in generation.get("eos_token_ids") or []} or ({eot} if eot is not None else set())
+        imported = bool(generation)
+        specials = {k: str(generation[k]) for k in ("bos_token", "eos_token") if generation.get(k)}
         return cls(
             mid,
             frozenset(names),
@@ -83,11 +112,20 @@ class LoadedModel:
             eot,
             model.config.context_len,
             int(mv.created_at.timestamp()),
+            stop_ids=frozenset(stops),
+            prefix_ids=() if imported or eot is None else (eot,),
+            chat_template=generation.get("chat_template"),
+            special_tokens=specials,
         )
 
     def encode(self, text: str) -> list[int]:
+        """The prompt's tokens as the tokenizer makes them (an imported tokenizer may add its BOS)."""
         ids: list[int] = self.tokenizer.encode(text).ids
         return ids
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
 
 
 class TextAssembler:
@@ -124,52 +162,250 @@ class TextAssembler:
         return out
 
 
+@dataclass
+class Sequence:
+    """A request that holds a KV-cache slot: its tokens, how many are in the cache, and its output so far."""
+
+    req: Request
+    slot: int
+    ids: list[int]  # prefix + prompt, then each generated token
+    asm: TextAssembler
+    generator: Any
+    cached: int = 0  # tokens of `ids` whose keys and values are in the slot
+    generated: int = 0
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.generated == 0 and self.cached < len(self.ids)  # after that, each step caches one token
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one forward pass computes: decode tokens first, then prompt chunks (sequence, start, length)."""
+
+    decode: list[Sequence]
+    chunks: list[tuple[Sequence, int, int]]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.decode) + sum(n for _, _, n in self.chunks)
+
+
+class Scheduler:
+    """Pure bookkeeping, no tensors: which sequences hold slots and what the next step computes.
+
+    A sequence is prefilling until its whole prompt is in the cache; the step that caches the prompt's last
+    token also yields its first output token. From then on it decodes: each step caches the token it sampled
+    last and yields the next one.
+    """
+
+    def __init__(self, slots: int, chunk_tokens: int) -> None:
+        self.free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.running: list[Sequence] = []  # in admission order: the oldest prompt is prefilled first
+        self.chunk_tokens = chunk_tokens
+
+    def admit(self, make: Callable[[int], Sequence]) -> Sequence:
+        seq = make(self.free.pop())
+        self.running.append(seq)
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.free.append(seq.slot)
+
+    def schedule(self) -> Step:
+        decode = [s for s in self.running if not s.prefilling]
+        budget = max(self.chunk_tokens - len(decode), 1)  # a prompt always advances, even under full decode
+        chunks = []
+        for s in self.running:
+            if budget == 0:
+                break
+            if s.prefilling:
+                n = min(len(s.ids) - s.cached, budget)
+                chunks.append((s, s.cached, n))
+                budget -= n
+        return Step(decode, chunks)
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_queue: int = 64) -> None:
-        self.loaded = loaded
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_queue: int = 64,
+        max_batch: int = 32,
+        chunk_tokens: int = 512,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        import torch
+
+        from aifab.serve.kv import SlotCache
+
+        if max_batch < 1 or chunk_tokens < 1:
+            raise ServeError(f"max_batch ({max_batch}) and chunk_tokens ({chunk_tokens}) must be at least 1")
+        self.loaded, self.max_batch = loaded, max_batch
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
-        self.running = 0
+        self.scheduler = Scheduler(max_batch, chunk_tokens)
+        self.metrics = metrics or ServeMetrics(loaded.id)
+        self.metrics.watch(self.queue.qsize, lambda: self.running)
+        dtype = next(loaded.model.parameters()).dtype
+        self.cache = SlotCache(loaded.model.config, max_batch, loaded.context_len, loaded.device, dtype)
+        self._torch = torch
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._worker, name="aifab-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> int:
+        """Requests holding a batch slot."""
+        return len(self.scheduler.running)
 
     def submit(self, req: Request) -> None:
         try:
             self.queue.put_nowait(req)
         except queue.Full:
+            self.metrics.rejected.inc()
             raise QueueFull(f"the queue is full ({self.queue.maxsize} requests waiting)") from None
 
     def close(self) -> None:
-        self.queue.put(None)
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)  # wake an idle worker
         self._thread.join(timeout=5)
 
-    def _worker(self) -> None:
-        while (req := self.queue.get()) is not None:
-            self.running = 1
-            try:
-                self._run_one(req)
-            except Exception as e:  # a bad request must not kill the engine; it gets an error event
-                with contextlib.suppress(Exception):  # nor may a listener that is already gone
-                    req.emit(Done("error", len(req.prompt_ids), 0, error=f"{type(e).__name__}: {e}"))
-            finally:
-                self.running = 0
+    # --- the worker thread -------------------------------------------------------------------------------
 
-    def _run_one(self, req: Request) -> None:
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            self._take_new()
+            step = self._reap_and_schedule()
+            if step is None:
+                continue
+            try:
+                sampled = self._execute(step)
+            except Exception as e:  # a failing step fails its requests, not the engine
+                for seq in {*step.decode, *(s for s, _, _ in step.chunks)}:
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                continue
+            self._update(step, sampled)
+        for seq in list(self.scheduler.running):  # shutting down: nobody is left waiting
+            self._finish(seq, "cancelled")
+
+    def _take_new(self) -> None:
+        """Move queued requests into free slots; block while there is nothing at all to do."""
+        sched = self.scheduler
+        while sched.free:
+            try:
+                req = self.queue.get(timeout=0.1) if not sched.running else self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if req is None:
+                return
+            self._admit(req)
+
+    def _admit(self, req: Request) -> None:
         lm = self.loaded
-        asm = TextAssembler(lm.tokenizer, req.params.stop)
-        finish, n = "length", 0
-        for token in generate(lm.model, [lm.eot_id, *req.prompt_ids], req.params):
-            if req.cancelled.is_set():
-                finish = "cancelled"
-                break
-            if token == lm.eot_id:
-                finish = "stop"
-                break
-            n += 1
-            if delta := asm.add(token):
-                req.emit(Delta(delta))
-            if asm.stopped:
-                finish = "stop"
-                break
-        if tail := asm.finish():
-            req.emit(Delta(tail))
-        req.emit(Done(finish, len(req.prompt_ids), n))
+        ids = [*lm.prefix_ids, *req.prompt_ids]
+        problem = None
+        if not req.prompt_ids:
+            problem = "the prompt is empty"
+        elif len(ids) + req.params.max_tokens > lm.context_len:
+            problem = (
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the "
+                f"context of {lm.context_len}"
+            )
+        if problem or req.cancelled.is_set():
+            reason = "error" if problem else "cancelled"
+            self._emit(req, Done(reason, len(req.prompt_ids), 0, error=f"ValueError: {problem}" if problem else None))
+            self.metrics.finished(reason)
+            return
+        generator = make_generator(req.params, lm.device)
+        self.scheduler.admit(
+            lambda slot: Sequence(req, slot, ids, TextAssembler(lm.tokenizer, req.params.stop), generator)
+        )
+
+    def _reap_and_schedule(self) -> Step | None:
+        for seq in [s for s in self.scheduler.running if s.req.cancelled.is_set()]:
+            self._finish(seq, "cancelled")
+        step = self.scheduler.schedule()
+        return step if step.tokens else None
+
+    def _execute(self, step: Step) -> list[tuple[Sequence, Any]]:
+        """One forward pass; returns the sequences due a token with their logits (V,) rows."""
+        from aifab.serve.kv import Chunk, StepLayout
+
+        torch = self._torch
+        tokens: list[int] = []
+        decode = [(s.slot, s.cached) for s in step.decode]
+        tokens += [s.ids[s.cached] for s in step.decode]
+        chunks, due, at = [], list(step.decode), list(range(len(step.decode)))
+        for seq, start, n in step.chunks:
+            chunks.append(Chunk(seq.slot, start, n, len(tokens)))
+            tokens += seq.ids[start : start + n]
+            if start + n == len(seq.ids):  # the prompt is all cached: its last position gives the first token
+                due.append(seq)
+                at.append(len(tokens) - 1)
+        dev = self.loaded.device
+        layout = StepLayout(decode, chunks, self.max_batch, dev)
+        self.cache.layout = layout
+        with torch.inference_mode():
+            idx = torch.tensor([tokens], device=dev)
+            logits_at = torch.tensor(at, device=dev) if due else None
+            logits, _ = self.loaded.model(idx, cache=self.cache, positions=layout.positions, logits_at=logits_at)
+        self.cache.layout = None
+        for s in step.decode:
+            s.cached += 1
+        for seq, _, n in step.chunks:
+            seq.cached += n
+        self.metrics.steps.inc()
+        self.metrics.prompt_tokens.inc(sum(n for _, _, n in step.chunks))
+        return list(zip(due, logits[0].float(), strict=True)) if due else []
+
+    def _update(self, step: Step, sampled: list[tuple[Sequence, Any]]) -> None:
+        lm, now = self.loaded, time.monotonic()
+        greedy = [i for i, (s, _) in enumerate(sampled) if s.req.params.temperature == 0]
+        argmax = {}
+        if greedy:  # one argmax for every greedy row
+            rows = self._torch.stack([sampled[i][1] for i in greedy])
+            argmax = dict(zip(greedy, rows.argmax(-1).tolist(), strict=True))
+        for i, (seq, row) in enumerate(sampled):
+            params = seq.req.params
+            token = argmax[i] if i in argmax else sample(row, params, seq.generator)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.metrics.ttft.observe(now - seq.req.arrival)
+            seq.last_token_at = now
+            if token in lm.stop_ids and not params.ignore_eos:
+                self._finish(seq, "stop")
+                continue
+            seq.ids.append(token)
+            seq.generated += 1
+            self.metrics.generated_tokens.inc()
+            if params.logprobs is not None:
+                seq.pending_logprobs.append(logprobs_of(row, token, params.logprobs))
+            text = seq.asm.add(token)
+            if text:
+                self._emit(seq.req, Delta(text, tuple(seq.pending_logprobs)))
+                seq.pending_logprobs.clear()
+            if seq.asm.stopped:
+                self._finish(seq, "stop")
+            elif seq.generated >= params.max_tokens:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.release(seq)
+        if error is None:
+            tail = seq.asm.finish()
+            if tail or seq.pending_logprobs:
+                self._emit(seq.req, Delta(tail, tuple(seq.pending_logprobs)))
+        if seq.generated > 1 and seq.first_token_at is not None:
+            self.metrics.tpot.observe((seq.last_token_at - seq.first_token_at) / (seq.generated - 1))
+        self.metrics.finished(reason)
+        self._emit(seq.req, Done(reason, len(seq.req.prompt_ids), seq.generated, error=error))
+
+    @staticmethod
+    def _emit(req: Request, event: Event) -> None:
+        with contextlib.suppress(Exception):  # a listener that is already gone must not stop the engine
+            req.emit(event)

@@ -1,4 +1,7 @@
-"""Per-request sampling: temperature, top-k, top-p and a seed. Temperature 0 is greedy (argmax)."""
+"""Per-request sampling: temperature, top-k, top-p and a seed. Temperature 0 is greedy (argmax).
+
+Log-probabilities are those of the model's distribution (before temperature, top-k and top-p), as OpenAI
+reports them."""
 
 from dataclasses import dataclass, field
 
@@ -14,6 +17,8 @@ class SamplingParams:
     top_k: int = 0  # 0 means no limit
     seed: int | None = None  # a seeded request is reproducible at any temperature
     stop: tuple[str, ...] = field(default_factory=tuple)
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    ignore_eos: bool = False  # generate max_tokens even past the model's EOS (benchmarks: fixed lengths)
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -43,3 +48,20 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the `params.logprobs` most likely tokens, best first
+
+
+def logprobs_of(logits: Tensor, token: int, n_top: int) -> TokenLogprob:
+    """The log-probability of `token` under logits (V,), and the top `n_top` alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if n_top > 0:
+        values, ids = torch.topk(lp, min(n_top, lp.numel()))
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(lp[token]), top)
