@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 TOKENIZER_VOCAB = 300
 MODEL_VOCAB = 320  # padded past the tokenizer's vocabulary, as real checkpoints often are
 MODEL_CONTEXT = 64
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
 
 # val_fraction 0.2: the tiny corpus needs a validation split longer than one window
 CONFIG = """\
@@ -92,6 +93,9 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
     hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     hf_model.save_pretrained(hf_dir, safe_serialization=True)
     (hf_dir / "tokenizer.json").write_text(tok.to_str())
+    (hf_dir / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE})
+    )
 
     proc = aifab("import-hf", str(hf_dir), "--name", "base", home=home)
     assert proc.returncode == 0, proc.stderr
@@ -117,6 +121,9 @@ def test_fine_tune_full_and_lora_then_export(imported: Imported) -> None:
         with store.db.session() as s:
             ft = s.scalars(select(DatasetVersion).where(DatasetVersion.name == "ft")).one()
             assert ft.tokenizer_digest == base.tokenizer_digest
+        # LlamaConfig's default ids, in the generation_config.json that save_pretrained wrote
+        assert base.generation is not None and base.generation["eos_token_ids"] == [2]
+        assert base.generation["chat_template"] == CHAT_TEMPLATE
     finally:
         store.close()
 
@@ -138,8 +145,17 @@ def test_fine_tune_full_and_lora_then_export(imported: Imported) -> None:
     out = imported.root / "exported"
     proc = aifab("export-hf", "adapted@latest", str(out), home=home)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert (out / "tokenizer.json").read_bytes() == (imported.hf_dir / "tokenizer.json").read_bytes()
+    # the fine-tune kept its base's generation settings, and export-hf wrote them back
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
     exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert exported.config.vocab_size == MODEL_VOCAB and exported.dtype == torch.float32
 
@@ -147,6 +163,7 @@ def test_fine_tune_full_and_lora_then_export(imported: Imported) -> None:
     try:
         mv = resolve(store, "adapted@latest")
         assert mv.weights_digest == lora["checkpoint_digest"]
+        assert mv.generation == resolve(store, "full@latest").generation == resolve(store, "base:1").generation
         ours = from_bytes(store.artifacts.get_bytes(mv.weights_digest)).eval()
     finally:
         store.close()

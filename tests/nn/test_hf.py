@@ -1,8 +1,9 @@
-"""load_hf / save_hf on bad input, and `aifab import-hf` / `aifab export-hf` through the real CLI."""
+"""load_hf / save_hf on bad input, read_generation, and `aifab import-hf` / `aifab export-hf` through the real CLI."""
 
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from aifab.nn.config import ModelConfig
-from aifab.nn.hf import load_hf, save_hf
+from aifab.nn.hf import generation_files, load_hf, read_generation, save_hf
 from aifab.nn.transformer import Transformer
 from helpers import aifab
 
@@ -28,6 +29,24 @@ def tokenizer_json() -> bytes:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
     tok.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 20, trainer=trainer)
+    return tok.to_str().encode()
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def bos_tokenizer_json() -> bytes:
+    """A tiny BPE tokenizer whose post-processor puts <s> (id 1) before every text, as Llama's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(["hello world, hello you\n"] * 20, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok.to_str().encode()
 
 
@@ -136,6 +155,103 @@ def test_native_default_model_exports_as_llama(tmp_path: Path) -> None:
         assert float((hf(ids()).logits - model(ids())[0]).abs().max()) < 1e-4
 
 
+# --- read_generation and generation_files -----------------------------------------------------------------------
+
+
+def test_read_generation_of_a_bare_directory_is_all_unknown(tmp_path: Path) -> None:
+    assert read_generation(tmp_path) == {
+        "bos_token_id": None,
+        "eos_token_ids": [],
+        "add_bos": False,
+        "bos_token": None,
+        "eos_token": None,
+        "chat_template": None,
+    }
+    assert generation_files(read_generation(tmp_path)) == {}
+
+
+def test_read_generation_prefers_generation_config_and_normalises_ids(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 5, "eos_token_id": 6}))
+    assert read_generation(tmp_path)["eos_token_ids"] == [6]
+    assert read_generation(tmp_path)["bos_token_id"] == 5
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 8], "bos_token_id": None}))
+    got = read_generation(tmp_path)
+    assert got["eos_token_ids"] == [7, 8]
+    assert got["bos_token_id"] == 5  # null in generation_config.json: config.json's
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id 'two' is not a token id"):
+        read_generation(tmp_path)
+
+
+def test_read_generation_takes_tokens_and_the_chat_template(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"content": "<s>", "special": True},
+                "eos_token": "</s>",
+                "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+            }
+        )
+    )
+    got = read_generation(tmp_path)
+    assert (got["bos_token"], got["eos_token"], got["chat_template"]) == ("<s>", "</s>", "D")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "a", "template": "A"}]}))
+    assert read_generation(tmp_path)["chat_template"] == "A"  # no "default": the first
+    (tmp_path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    assert read_generation(tmp_path)["chat_template"] == CHAT_TEMPLATE  # the newer file wins
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template is neither"):
+        read_generation(tmp_path)
+
+
+def test_read_generation_sees_whether_the_tokenizer_adds_bos(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_json())
+    assert read_generation(tmp_path)["add_bos"] is False
+    (tmp_path / "tokenizer.json").write_bytes(bos_tokenizer_json())
+    assert read_generation(tmp_path)["add_bos"] is True
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json"])
+def test_read_generation_names_a_malformed_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text('{"eos_token_id": 2,')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / name))} is not (a )?valid"):
+        read_generation(tmp_path)
+    (tmp_path / name).write_text("[1, 2]")  # JSON, but not an object
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / name))} is not (a )?valid"):
+        read_generation(tmp_path)
+
+
+def test_save_hf_writes_generation_back(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    hf_llama(src)
+    (src / "tokenizer.json").write_bytes(bos_tokenizer_json())
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
+    )
+    generation = read_generation(src)
+    assert generation == {
+        "bos_token_id": 1,  # LlamaConfig's defaults, written to generation_config.json by save_pretrained
+        "eos_token_ids": [2],
+        "add_bos": True,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    config, state = load_hf(src)
+    model = Transformer(config)
+    model.load_state_dict(state)
+    save_hf(model, out, (src / "tokenizer.json").read_bytes(), generation=generation)
+    assert read_generation(out) == generation
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (gen.bos_token_id, gen.eos_token_id) == (1, 2)
+    # transformers reads the tokenizer back as stored (BOS added by its post-processor) and applies the template
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("hello").input_ids == [1, *tok("hello", add_special_tokens=False).input_ids]
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<s><|user|>hi</s><|assistant|>"
+
+
 # --- the CLI ---------------------------------------------------------------------------------------------------
 
 
@@ -177,3 +293,52 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     (bert / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (bert / "pytorch_model.bin").write_bytes(b"\x80\x04")
     one_line_error(aifab("import-hf", str(bert), "--name", "m", home=home), "pytorch_model.bin", "never unpickles")
+
+
+def test_import_export_keeps_generation_settings(tmp_path: Path) -> None:
+    from aifab.registry.models import list_versions, resolve
+    from aifab.store import Store
+
+    home, src, out = tmp_path / "home", tmp_path / "src", tmp_path / "out"
+    hf_llama(src)
+    (src / "tokenizer.json").write_bytes(bos_tokenizer_json())
+    (src / "tokenizer_config.json").write_text('{"chat_template": "{{ x }}",')
+    one_line_error(aifab("import-hf", str(src), "--name", "chat", home=home), f"{src / 'tokenizer_config.json'}")
+    store = Store(home)
+    try:
+        assert list_versions(store) == []
+        assert [p for p in store.artifacts.root.rglob("*") if p.is_file()] == []  # no weights stored either
+    finally:
+        store.close()
+
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": CHAT_TEMPLATE})
+    )
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0]}))
+    proc = aifab("import-hf", str(src), "--name", "chat", home=home)
+    assert proc.returncode == 0, proc.stderr
+    store = Store(home)
+    try:
+        first = resolve(store, "chat:1").generation
+    finally:
+        store.close()
+    assert first == {
+        "bos_token_id": 1,
+        "eos_token_ids": [2, 0],
+        "add_bos": True,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+    proc = aifab("export-hf", "chat:1", str(out), home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": [2, 0]}
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    proc = aifab("import-hf", str(out), "--name", "chat", home=home)
+    assert proc.returncode == 0, proc.stderr
+    store = Store(home)
+    try:
+        assert resolve(store, "chat:2").generation == first
+    finally:
+        store.close()

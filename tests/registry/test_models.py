@@ -74,3 +74,16 @@ def test_lineage_links_the_model_to_its_run_and_dataset(store: Store) -> None:
     with store.db.session() as s:
         assert set(upstream(s, "model", mv.id)) == {("run", "run1", "produced"), ("dataset", str(ds_id), "trained_on")}
         assert len(s.scalars(select(LineageEdge)).all()) == 2
+
+
+def test_generation_settings_are_stored_and_default_to_empty(store: Store) -> None:
+    generation = {"bos_token_id": 1, "eos_token_ids": [2, 7], "add_bos": True, "chat_template": "{{ x }}"}
+    _register(store, "chat", generation=generation)
+    _register(store, "plain")
+    assert resolve(store, "chat:1").generation == {
+        "bos_token_id": 1,
+        "eos_token_ids": [2, 7],
+        "add_bos": True,
+        "chat_template": "{{ x }}",
+    }
+    assert resolve(store, "plain:1").generation == {}

@@ -291,3 +291,43 @@ def test_upgrading_a_first_schema_database_keeps_its_rows(tmp_path: Path) -> Non
             assert (row.name, row.tokens, row.parent_id, row.stages, row.curated_digest) == ("old", 4, None, None, None)
     finally:
         db.close()
+
+
+def test_upgrading_a_0002_database_adds_model_generation_as_empty(tmp_path: Path) -> None:
+    """0003 adds model_versions.generation; models registered before it read back `{}` (nothing known)."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect, text
+
+    from aifab.store.db import MIGRATIONS, Database, make_engine
+    from aifab.store.schema import ModelVersion
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+        assert "generation" not in {c["name"] for c in inspect(conn).get_columns("model_versions")}
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (name, version, created_at, weights_digest, tokenizer_digest, config,"
+                " params_count, metrics) VALUES ('old', 1, '2026-01-01 00:00:00', :d, :d, '{}', 10, '{}')"
+            ),
+            {"d": "a" * 64},
+        )
+    engine.dispose()
+    db = Database(url)
+    try:
+        assert "generation" in {c["name"] for c in inspect(db.engine).get_columns("model_versions")}
+        with db.session() as s:
+            row = s.scalars(select(ModelVersion)).one()
+            assert (row.name, row.params_count, row.generation) == ("old", 10, {})
+            s.add(
+                ModelVersion(name="old", version=2, weights_digest="b" * 64, tokenizer_digest="b" * 64, params_count=1)
+            )
+        with db.session() as s:
+            assert s.scalars(select(ModelVersion.generation).where(ModelVersion.version == 2)).one() == {}
+    finally:
+        db.close()

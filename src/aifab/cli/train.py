@@ -1,16 +1,18 @@
 """`aifab train`: train a model on a dataset version (or resume a run) and register it."""
 
+import contextlib
 import json
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import typer
 from pydantic import ValidationError
 
 from aifab.cli.common import app, open_store, out
 from aifab.cli.data import resolve_dataset
-from aifab.errors import AifabError
+from aifab.errors import AifabError, NotFound
 from aifab.spec import FactorySpec, ModelSpec, TrainingSpec, load_spec
 from aifab.store.names import check_name
 from aifab.store.schema import Run
@@ -71,6 +73,7 @@ def train_command(
         raise AifabError("--lora-rank adapts an existing model: give --from MODEL")
     store = open_store()
     base_id = None
+    generation: dict[str, Any] = {}  # a fine-tune generates like its base (BOS/EOS, chat template)
     if resume is not None:
         given = [
             o
@@ -111,6 +114,7 @@ def train_command(
         if base is not None:
             mv = resolve(store, base)
             base_id = mv.id
+            generation = dict(mv.generation or {})
             try:
                 lora = LoraConfig(rank=lora_rank, alpha=lora_alpha) if lora_rank is not None else None
             except ValueError as e:
@@ -127,6 +131,10 @@ def train_command(
     with store.db.session() as s:
         run = s.get(Run, result.run_id)
         dataset_version_id = run.dataset_version_id if run is not None else None
+        init = (run.params or {}).get("init") if run is not None else None
+    if resume is not None and isinstance(init, dict) and init.get("model"):  # a resumed fine-tune: its base's
+        with contextlib.suppress(NotFound):  # unless the base version is gone: then nothing to inherit
+            generation = dict(resolve(store, str(init["model"])).generation or {})
     mv = register(
         store,
         name,
@@ -139,6 +147,7 @@ def train_command(
         dataset_version_id=dataset_version_id,
         aliases=("latest",),
         base_model_id=base_id,
+        generation=generation,
     )
     out.print(
         f"[bold]{mv.name}:{mv.version}[/bold] (run {result.run_id}): {result.params:,} parameters, "

@@ -24,9 +24,11 @@ def register(
     dataset_version_id: int | None = None,
     aliases: tuple[str, ...] = (),
     base_model_id: int | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Add the next version of `name`, link it to its run, dataset and (when fine-tuned) base model, and point
-    `aliases` at it."""
+    `aliases` at it. `generation` is how to generate with it (the dict `aifab.nn.hf.read_generation` returns;
+    `{}` when unknown), stored as `ModelVersion.generation`."""
     check_name(name, "model name")
     for alias in aliases:
         check_name(alias, "alias")
@@ -43,6 +45,7 @@ def register(
             config=config,
             params_count=params_count,
             metrics=metrics,
+            generation=dict(generation or {}),
         )
         s.add(mv)
         s.flush()

@@ -110,7 +110,8 @@ class RunMetric(Base):
 
 
 class ModelVersion(Base):
-    """A registered model: safetensors weights, the model config, and the tokenizer that goes with it."""
+    """A registered model: safetensors weights, the model config, the tokenizer that goes with it, and its
+    generation settings."""
 
     __tablename__ = "model_versions"
     __table_args__ = (UniqueConstraint("name", "version"),)
@@ -125,6 +126,9 @@ class ModelVersion(Base):
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     params_count: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # added in 0003: how to generate with it (see aifab.nn.hf.read_generation): bos/eos ids and strings, whether
+    # the tokenizer adds BOS itself, the chat template. {} when unknown (trained from scratch, or older rows).
+    generation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
 
 
 class ModelAlias(Base):
