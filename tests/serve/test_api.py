@@ -13,67 +13,7 @@ from aifab.serve.engine import Done, Engine, Event, LoadedModel, Request
 from aifab.serve.sampling import SamplingParams
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
-
-WAIT_S = 30  # an upper bound for waits that normally take milliseconds; never a timing assertion
-MODEL = "tiny:1"
-
-
-@pytest.fixture(scope="module")
-def loaded(trained: tuple[Store, str]) -> LoadedModel:
-    store, ref = trained
-    return LoadedModel.load(store, ref)
-
-
-@pytest.fixture(scope="module")
-def engine(loaded: LoadedModel) -> Iterator[Engine]:
-    e = Engine(loaded)
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def server(engine: Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(create_app(engine)) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: BackgroundServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=WAIT_S) as c:
-        yield c
-
-
-def body(**kw: Any) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": "def function_", "max_tokens": 12, "temperature": 0, **kw}
-
-
-def sse_data(response: httpx.Response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-
-
-def stream(client: httpx.Client, payload: dict[str, Any]) -> list[str]:
-    with client.stream("POST", "/v1/completions", json={**payload, "stream": True}) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        return sse_data(r)
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None, kind: str = "invalid_request_error") -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["type"] == kind
-    assert err["param"] == param
-    if param is not None:
-        assert err["message"].startswith(f"{param}:")
-
-
-def wait_until(cond: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.01)
-
+from serving import MODEL, WAIT_S, assert_error, body, stream, wait_until
 
 # --- completions -----------------------------------------------------------------------------------------------
 

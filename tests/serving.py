@@ -1,0 +1,42 @@
+"""Helpers for the serving tests: request bodies for the tiny model, SSE parsing, OpenAI error checks."""
+
+import time
+from typing import Any
+
+import httpx
+
+WAIT_S = 30  # an upper bound for waits that normally take milliseconds; never a timing assertion
+MODEL = "tiny:1"
+
+
+def stream(client: httpx.Client, payload: dict[str, Any], path: str = "/v1/completions") -> list[str]:
+    """POST with stream on; the SSE data lines."""
+    with client.stream("POST", path, json={**payload, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return sse_data(r)
+
+
+def body(**kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "def function_", "max_tokens": 12, "temperature": 0, **kw}
+
+
+def sse_data(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None, kind: str = "invalid_request_error") -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == kind
+    assert err["param"] == param
+    if param is not None:
+        assert err["message"].startswith(f"{param}:")
+
+
+def wait_until(cond: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
