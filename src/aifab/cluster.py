@@ -18,5 +18,5 @@ def connect(error: type[AifabError] = AifabError, what: str = "--engine ray") ->
     except ImportError:
         raise error(f"{what} needs Ray: pip install 'aifab[ray]'") from None
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
     return ray

@@ -216,7 +216,8 @@ def test_overload_gets_429s_and_no_5xx_and_the_server_stays_healthy(
     try:
         with BackgroundServer(create_app(engine)) as srv:
             codes = asyncio.run(flood(srv.url))
-            assert codes.count(429) > 0 and codes.count(200) >= 12  # the 4 running and 8 queued at least
+            # the first 8 always find a queue place; how many more get in depends on when the engine admits
+            assert codes.count(429) > 0 and codes.count(200) >= 8
             with httpx.Client(base_url=srv.url, timeout=WAIT_S) as c:
                 wait_until(lambda: engine.running == 0 and engine.queue.qsize() == 0, "the engine to drain")
                 assert c.get("/healthz").json()["status"] == "ok"

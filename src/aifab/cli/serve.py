@@ -1,11 +1,13 @@
 """`aifab serve MODEL`: the OpenAI-compatible API for one registered model."""
 
 import os
+import signal
 
 import typer
 
 from aifab.cli.common import app, open_store
 from aifab.console import err
+from aifab.errors import ServeError
 
 
 @app.command()
@@ -16,21 +18,51 @@ def serve(
     api_key: str | None = typer.Option(None, "--api-key", help="Require this bearer key (or set AIFAB_API_KEY)."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests before 429."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, max=1024, help="Sequences decoded together."),
+    engine_kind: str = typer.Option(
+        "local", "--engine", help="local (this process) or ray (Ray Serve replicas on RAY_ADDRESS, or a local Ray)."
+    ),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --engine ray: engine replicas (one GPU each)."),
 ) -> None:
     """Serve a registered model over HTTP until interrupted."""
     from aifab.serve.api import create_app
     from aifab.serve.engine import Engine, LoadedModel
-    from aifab.serve.server import bind, serve_forever
+    from aifab.serve.server import BackgroundServer, bind
 
+    if engine_kind not in ("local", "ray"):
+        raise ServeError(f"unknown engine {engine_kind!r}: choose one of local, ray")
+    if replicas > 1 and engine_kind != "ray":
+        raise ServeError("--replicas needs --engine ray (one process serves one engine)")
+    key = api_key or os.environ.get("AIFAB_API_KEY") or None
     store = open_store()
+    if engine_kind == "ray":
+        from aifab.registry.models import resolve
+        from aifab.serve.ray_serve import serve_on_ray
+
+        mv = resolve(store, model)  # an unknown model fails here, not in every replica
+        auth = " with an API key" if key else ""
+
+        def ready(url: str) -> None:
+            err.print(
+                f"serving {mv.name}:{mv.version} on {url} with {replicas} Ray Serve replicas{auth} (Ctrl-C to stop)"
+            )
+
+        serve_on_ray(
+            str(store.home), model, host=host, port=port, replicas=replicas, max_batch=max_batch,
+            max_queue=max_queue, api_key=key, on_ready=ready,
+        )  # fmt: skip
+        return
     loaded = LoadedModel.load(store, model)
     sock = bind(host, port)  # an occupied port fails here, before the engine starts
-    engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch)
-    key = api_key or os.environ.get("AIFAB_API_KEY") or None
-    bound_host, bound_port = sock.getsockname()[:2]  # the real port when --port 0 asked for any free one
-    auth = " with an API key" if key else ""
-    err.print(f"serving {loaded.id} on http://{bound_host}:{bound_port}/v1{auth} (Ctrl-C to stop)")
-    try:
-        serve_forever(create_app(engine, api_key=key), sock)
-    finally:
-        engine.close()
+    # the engine runs on this thread, the one that loaded the model (see Engine: CPU decode is several times
+    # faster there); uvicorn runs on a thread of its own
+    engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch, start=False)
+    signal.signal(signal.SIGTERM, lambda *_: engine.close())
+    with BackgroundServer(create_app(engine, api_key=key), sock=sock) as srv:
+        auth = " with an API key" if key else ""
+        err.print(f"serving {loaded.id} on {srv.url}/v1{auth} (Ctrl-C to stop)")
+        try:
+            engine.run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            engine.close()

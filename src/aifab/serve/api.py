@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import hmac
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -207,7 +209,13 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": lm.id, "queued": engine.queue.qsize(), "running": engine.running}
+        return {
+            "status": "ok",
+            "model": lm.id,
+            "queued": engine.queue.qsize(),
+            "running": engine.running,
+            "replica": f"{socket.gethostname()}:{os.getpid()}",  # which process answered (Ray Serve has several)
+        }
 
     @app.get("/metrics")
     async def metrics() -> Response:

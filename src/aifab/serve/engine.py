@@ -238,7 +238,14 @@ class Engine:
         max_batch: int = 32,
         chunk_tokens: int = 512,
         metrics: ServeMetrics | None = None,
+        start: bool = True,
     ) -> None:
+        """With `start`, the engine runs on a thread of its own; else the caller runs `run()` on its thread.
+
+        On CPU, run the engine on the thread that loaded the model when speed matters (`aifab serve` does):
+        PyTorch's OpenMP pools are per thread, and once a second thread has one, GNU OpenMP stops spinning
+        between parallel regions, which made each small matmul of a decode step several times slower.
+        """
         import torch
 
         from aifab.serve.kv import SlotCache
@@ -254,8 +261,10 @@ class Engine:
         self.cache = SlotCache(loaded.model.config, max_batch, loaded.context_len, loaded.device, dtype)
         self._torch = torch
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._worker, name="aifab-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self.run, name="aifab-engine", daemon=True)
+            self._thread.start()
 
     @property
     def running(self) -> int:
@@ -273,11 +282,13 @@ class Engine:
         self._stop.set()
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)  # wake an idle worker
-        self._thread.join(timeout=5)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     # --- the worker thread -------------------------------------------------------------------------------
 
-    def _worker(self) -> None:
+    def run(self) -> None:
+        """The engine loop, on the calling thread, until `close()`."""
         while not self._stop.is_set():
             self._take_new()
             step = self._reap_and_schedule()

@@ -8,8 +8,9 @@ is what CUDA graphs want.)
 One engine step packs the tokens of many sequences into one row (1, N): each decoding sequence's next token,
 and a chunk of each prefilling sequence's prompt. `StepLayout` says which slot and position each token has.
 `SlotCache.attend` writes every token's k, v into its slot, then computes attention in two shapes:
-- decode tokens (one per sequence): a single batched attention over all slots, each row masked to its own
-  length (slots without a decode token attend to position 0 and are discarded);
+- decode tokens (one per sequence): a single batched attention over the slots up to the highest one decoding
+  (a view, no copy), each row masked to its own length (rows without a decode token attend to position 0 and
+  are discarded);
 - prefill chunks: one causal attention per chunk over its slot's earlier positions plus the chunk.
 """
 
@@ -43,13 +44,16 @@ class StepLayout:
         if decode:
             self.decode_slots = self.slots[: self.n_decode]
             self.decode_len = max(p for _, p in decode) + 1  # keys to read: the longest decoding sequence
+            # rows to read: slots 0..decode_rows-1 (the scheduler hands out low slots first, so under light
+            # load this is a few rows, not the whole cache)
+            self.decode_rows = max(s for s, _ in decode) + 1
             # row s may read key j when slot s decodes this step and j is at or before its new token
-            lengths = torch.zeros(slots, dtype=torch.long)
+            lengths = [0] * self.decode_rows
             for s, p in decode:
                 lengths[s] = p + 1
             keys = torch.arange(self.decode_len)
-            mask = (keys[None, :] < lengths[:, None]) | (keys[None, :] == 0)  # idle rows see key 0: no NaN
-            self.decode_mask = mask[:, None, None, :].to(device)  # (slots, 1, 1, L)
+            mask = (keys[None, :] < torch.tensor(lengths)[:, None]) | (keys[None, :] == 0)  # idle rows: key 0
+            self.decode_mask = mask[:, None, None, :].to(device)  # (rows, 1, 1, L)
 
 
 class SlotCache:
@@ -76,12 +80,12 @@ class SlotCache:
         y = torch.empty_like(q)
         D = lay.n_decode
         if D:
-            L = lay.decode_len
-            qd = q.new_zeros(self.n_slots, q.size(1), 1, q.size(3))
+            L, R = lay.decode_len, lay.decode_rows
+            qd = q.new_zeros(R, q.size(1), 1, q.size(3))
             qd[lay.decode_slots] = q[0, :, :D].transpose(0, 1).unsqueeze(2)
             yd = F.scaled_dot_product_attention(
-                qd, K[:, :, :L], V[:, :, :L], attn_mask=lay.decode_mask, enable_gqa=gqa
-            )  # (slots, nh, 1, hs)
+                qd, K[:R, :, :L], V[:R, :, :L], attn_mask=lay.decode_mask, enable_gqa=gqa
+            )  # (rows, nh, 1, hs)
             y[0, :, :D] = yd[lay.decode_slots, :, 0].transpose(0, 1)
         for c in lay.chunks:
             end = c.start + c.length

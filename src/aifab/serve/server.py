@@ -1,4 +1,4 @@
-"""Run the API on uvicorn: in the foreground (`aifab serve`) or in a background thread (the demo, tests).
+"""Run the API on uvicorn in a background thread (`aifab serve` keeps its main thread for the engine).
 
 The listening socket is bound here, before uvicorn starts, so an occupied port is one clear error and
 port 0 picks a free port.
@@ -41,16 +41,11 @@ def _server(app: Any, sock: socket.socket) -> Any:
     return uvicorn.Server(config)
 
 
-def serve_forever(app: Any, sock: socket.socket) -> None:
-    """Block serving `app` on a socket from `bind()` until interrupted."""
-    _server(app, sock).run(sockets=[sock])
-
-
 class BackgroundServer:
     """`with BackgroundServer(app) as srv:` serves on srv.url from a daemon thread until the block ends."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.sock = bind(host, port)
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> None:
+        self.sock = sock if sock is not None else bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         self.server = _server(app, self.sock)
