@@ -246,3 +246,32 @@ def test_scheduler_reuses_a_released_slot_and_always_advances_a_prompt() -> None
     p = busy.admit(lambda slot: seq(slot, 5))
     step = busy.schedule()  # two decodes fill the 2-token budget, yet the prompt still gets a token
     assert step.decode == [d1, d2] and [(x, start, n) for x, start, n in step.chunks] == [(p, 0, 1)]
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_batch=4, start=False)  # run by hand below, so the fault lands in a known step
+    execute, calls = engine._execute, []
+
+    def faulty(step: Any) -> Any:
+        calls.append(step)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return execute(step)
+
+    engine._execute = faulty  # type: ignore[method-assign]
+    sinks = [Tokens(), Tokens()]
+    for prompt, sink in zip(prompts(lm, 2), sinks, strict=True):
+        engine.submit(Request(prompt, GREEDY, sink))
+    worker = threading.Thread(target=engine.run, daemon=True)
+    worker.start()
+    try:
+        for s in sinks:
+            assert s.finished.wait(WAIT_S)
+            assert s.done is not None and s.done.finish_reason == "error"
+            assert s.done.error == "RuntimeError: device lost"
+        after = run_all(engine, [(prompts(lm, 3)[2], GREEDY)])[0]
+        assert after.done is not None and after.done.finish_reason == "length"
+        assert engine.running == 0
+    finally:
+        engine.close()
+        worker.join(WAIT_S)

@@ -42,12 +42,11 @@ def test_two_replicas_behind_one_endpoint(trained: tuple[Store, str], tmp_path: 
             while True:
                 assert proc.poll() is None, (tmp_path / "serve.err").read_text()[-3000:]
                 assert time.monotonic() < deadline, "Ray Serve did not come up"
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
+                # the line comes once every replica is up (the proxy answers as soon as the first one is)
+                if "with 2 Ray Serve replicas" in (tmp_path / "serve.err").read_text():
+                    break
                 time.sleep(0.5)
+            assert c.get("/healthz").status_code == 200
             replicas = {c.get("/healthz").json()["replica"] for _ in range(30)}
             assert len(replicas) == 2  # the proxy spreads requests over both engines
             bad = c.post("/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 0})
@@ -72,4 +71,3 @@ def test_two_replicas_behind_one_endpoint(trained: tuple[Store, str], tmp_path: 
             if proc.poll() is None:
                 proc.kill()
             log.close()
-    assert "with 2 Ray Serve replicas" in (tmp_path / "serve.err").read_text()

@@ -23,6 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused kernel: a decode step runs this 2L+1 times on tiny tensors
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # normalise in fp32 so bf16 activations do not lose the small variances
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
@@ -93,11 +95,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Cache | None, pos: int) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.wqkv(x).split([C, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k, v = (t.view(B, T, self.n_kv, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
-        if self.rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv = self.n_head, self.n_kv
+        heads = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hs)
+        qk, v = heads[:, : nh + nkv], heads[:, nh + nkv :]
+        if self.rope:  # q and k heads rotate together: one pass of the elementwise ops, not two
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hs), (B, nkv, T, hs)
         gqa = self.n_kv != self.n_head  # query head h reads key/value head h // (nh / nkv), as in Hugging Face
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -187,11 +190,13 @@ class Transformer(nn.Module):
         computes logits for those token indices only: (B, K, V).
         """
         T = idx.size(1)
-        last = pos + T if positions is None else int(positions.max()) + 1
-        if last > self.config.context_len:
+        # packed positions come from the serving engine, which admits only sequences that fit the context;
+        # reading their max would cost a device sync every step
+        last = pos + T
+        if positions is None and last > self.config.context_len:
             raise ValueError(f"sequence of {last} tokens exceeds the context length {self.config.context_len}")
         window = self.config.sliding_window
-        if window is not None and last > window:
+        if positions is None and window is not None and last > window:
             raise ValueError(f"sequence of {last} tokens exceeds the sliding window {window} (not implemented)")
         if positions is None:
             cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]

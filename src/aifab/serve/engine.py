@@ -297,7 +297,8 @@ class Engine:
             try:
                 sampled = self._execute(step)
             except Exception as e:  # a failing step fails its requests, not the engine
-                for seq in {*step.decode, *(s for s, _, _ in step.chunks)}:
+                failed = {id(s): s for s in [*step.decode, *(c for c, _, _ in step.chunks)]}
+                for seq in failed.values():
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
                 continue
             self._update(step, sampled)

@@ -113,9 +113,6 @@ def serve_on_ray(
         graceful_shutdown_timeout_s=5,
         ray_actor_options={"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0, "runtime_env": {"env_vars": env}},
     )
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment.bind(home, ref, max_batch, max_queue, api_key), name=APP_NAME, route_prefix="/")
-    on_ready(f"http://{host}:{port}/v1")
     stop = {"now": False}
 
     def ask_stop(*_: Any) -> None:
@@ -123,6 +120,10 @@ def serve_on_ray(
 
     signal.signal(signal.SIGTERM, ask_stop)
     try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment.bind(home, ref, max_batch, max_queue, api_key), name=APP_NAME, route_prefix="/")
+        if not stop["now"]:
+            on_ready(f"http://{host}:{port}/v1")
         while not stop["now"]:
             time.sleep(0.2)
     except KeyboardInterrupt:
