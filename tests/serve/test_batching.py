@@ -275,3 +275,17 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(lm: LoadedMode
     finally:
         engine.close()
         worker.join(WAIT_S)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_compiled_decode_gives_the_same_greedy_tokens(lm: LoadedModel) -> None:
+    """`aifab serve --compile`: decode steps run through torch.compile (compiled at start, for one row and for
+    several); the tokens are the eager engine's."""
+    ps = prompts(lm, 6)
+    want = [reference(lm, p, GREEDY.max_tokens) for p in ps]
+    engine = Engine(lm, max_batch=4, chunk_tokens=16, compile=True)
+    try:
+        got = run_all(engine, [(p, GREEDY) for p in ps], gap_s=0.002)
+    finally:
+        engine.close()
+    assert [s.ids for s in got] == want
