@@ -40,3 +40,13 @@ def wait_until(cond: Any, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.01)
+
+
+TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def tokens(usage: Any) -> dict[str, int]:
+    """The OpenAI token counts of a usage (a dict or the openai client's object), without aifab's energy fields,
+    which differ between two runs of the same request."""
+    get = usage.get if isinstance(usage, dict) else lambda k: getattr(usage, k)
+    return {k: get(k) for k in TOKEN_KEYS}

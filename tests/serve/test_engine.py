@@ -179,7 +179,9 @@ def test_seeded_requests_are_reproducible(engine: Engine, loaded: LoadedModel) -
         c = Collector()
         engine.submit(Request(loaded.encode("def"), params, c))
         results.append(c.result())
-    assert results[0] == results[1]
+    (text0, done0), (text1, done1) = results
+    assert text0 == text1
+    assert (done0.finish_reason, done0.completion_tokens) == (done1.finish_reason, done1.completion_tokens)
 
 
 def test_stop_string_ends_the_request(engine: Engine, loaded: LoadedModel) -> None:

@@ -29,6 +29,7 @@ def serve(
     """Serve a registered model over HTTP until interrupted."""
     from aifab.serve.api import create_app
     from aifab.serve.engine import Engine, LoadedModel
+    from aifab.serve.metering import ledger_meter
     from aifab.serve.server import BackgroundServer, bind
 
     if engine_kind not in ("local", "ray"):
@@ -58,7 +59,8 @@ def serve(
     sock = bind(host, port)  # an occupied port fails here, before the engine starts
     # the engine runs on this thread, the one that loaded the model (see Engine: CPU decode is several times
     # faster there); uvicorn runs on a thread of its own
-    engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch, start=False, compile=compile_)
+    meter = ledger_meter(store.db, loaded.version_id)  # each request's energy and cost go to the ledger
+    engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch, start=False, compile=compile_, meter=meter)
     signal.signal(signal.SIGTERM, lambda *_: engine.close())
     with BackgroundServer(create_app(engine, api_key=key), sock=sock) as srv:
         auth = " with an API key" if key else ""

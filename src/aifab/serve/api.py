@@ -233,7 +233,7 @@ def create_app(
     async def completions(body: CompletionRequest) -> Response:
         if (bad := _check_model(body)) is not None:
             return bad
-        return await _generate(body, lm.encode(body.text()), "prompt", _CompletionFormat(lm))
+        return await _generate(body, lm.encode(body.text()), "prompt", _CompletionFormat(lm, engine.meter.estimated))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> Response:
@@ -246,7 +246,7 @@ def create_app(
             return error(400, f"messages: {e}", "messages")
         # a template writes the special tokens it wants (its BOS among them): the tokenizer adds none
         ids: list[int] = lm.tokenizer.encode(text, add_special_tokens=lm.chat_template is None).ids
-        return await _generate(body, ids, "messages", _ChatFormat(lm))
+        return await _generate(body, ids, "messages", _ChatFormat(lm, engine.meter.estimated))
 
     def _check_model(body: _Sampling) -> JSONResponse | None:
         if body.model not in lm.names:
@@ -314,11 +314,15 @@ def create_app(
     return app
 
 
-def _usage(done: Done) -> dict[str, int]:
+def _usage(done: Done, estimated: bool) -> dict[str, Any]:
+    """OpenAI usage, plus aifab's extension fields: the request's energy and its electricity cost."""
     return {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "energy_j": done.energy_j,
+        "cost_usd": done.cost_usd,
+        "energy_estimated": estimated,  # True when no energy counter exists and the sampler estimates
     }
 
 
@@ -327,8 +331,8 @@ class _Format:
 
     object_whole = object_chunk = ""
 
-    def __init__(self, lm: LoadedModel) -> None:
-        self.lm = lm
+    def __init__(self, lm: LoadedModel, estimated: bool) -> None:
+        self.lm, self.estimated = lm, estimated
         self.head = {"id": self.new_id(), "created": int(time.time()), "model": lm.id}
 
     def new_id(self) -> str:
@@ -367,7 +371,7 @@ class _CompletionFormat(_Format):
             "logprobs": self._logprobs(entries, 0) if logprobs else None,
             "finish_reason": done.finish_reason,
         }
-        return {**self.head, "object": "text_completion", "choices": [choice], "usage": _usage(done)}
+        return {**self.head, "object": "text_completion", "choices": [choice], "usage": _usage(done, self.estimated)}
 
     def chunk(self, delta: Delta | None, done: Done | None, first: bool) -> dict[str, Any]:
         choice = {
@@ -377,7 +381,7 @@ class _CompletionFormat(_Format):
             "finish_reason": done.finish_reason if done else None,
         }
         out = {**self.head, "object": "text_completion", "choices": [choice]}
-        return {**out, "usage": _usage(done)} if done else out
+        return {**out, "usage": _usage(done, self.estimated)} if done else out
 
 
 class _ChatFormat(_Format):
@@ -403,7 +407,7 @@ class _ChatFormat(_Format):
             "logprobs": self._logprobs(entries) if logprobs else None,
             "finish_reason": done.finish_reason,
         }
-        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": _usage(done)}
+        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": _usage(done, self.estimated)}
 
     def chunk(self, delta: Delta | None, done: Done | None, first: bool) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -416,7 +420,7 @@ class _ChatFormat(_Format):
             "finish_reason": done.finish_reason if done else None,
         }
         out = {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
-        return {**out, "usage": _usage(done)} if done else out
+        return {**out, "usage": _usage(done, self.estimated)} if done else out
 
 
 async def _sse(fmt: _Format, next_event: Callable[[], Awaitable[Event]], req: EngineRequest) -> AsyncIterator[str]:

@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aifab.errors import ServeError
+from aifab.serve.metering import ServeMeter
 from aifab.serve.metrics import ServeMetrics
 from aifab.serve.sampling import SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from aifab.store import Store
 from aifab.tokens import end_of_text_id
+
+FLUSH_S = 1.0  # how often finished requests' charges go to the meter's sink (the ledger)
 
 
 class QueueFull(Exception):
@@ -47,6 +50,8 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    energy_j: float = 0.0  # this request's share of the steps it took part in (serve.metering)
+    cost_usd: float = 0.0
 
 
 Event = Delta | Done
@@ -76,6 +81,7 @@ class LoadedModel:
     prefix_ids: tuple[int, ...] = ()
     chat_template: str | None = None  # Jinja, from the imported tokenizer_config.json
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token, for the template
+    version_id: int | None = None  # the registry row, which the ledger charges serving to
 
     @classmethod
     def load(cls, store: Store, ref: str, device: str | None = None) -> "LoadedModel":
@@ -116,6 +122,7 @@ class LoadedModel:
             prefix_ids=() if imported or eot is None else (eot,),
             chat_template=generation.get("chat_template"),
             special_tokens=specials,
+            version_id=mv.id,
         )
 
     def encode(self, text: str) -> list[int]:
@@ -174,6 +181,7 @@ class Sequence:
     cached: int = 0  # tokens of `ids` whose keys and values are in the slot
     generated: int = 0
     first_token_at: float | None = None
+    energy_j: float = 0.0
     last_token_at: float = 0.0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -240,6 +248,7 @@ class Engine:
         metrics: ServeMetrics | None = None,
         start: bool = True,
         compile: bool = False,
+        meter: ServeMeter | None = None,
     ) -> None:
         """With `start`, the engine runs on a thread of its own; else the caller runs `run()` on its thread.
 
@@ -258,6 +267,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch, chunk_tokens)
         self.metrics = metrics or ServeMetrics(loaded.id)
         self.metrics.watch(self.queue.qsize, lambda: self.running)
+        self.meter = meter or ServeMeter()
         dtype = next(loaded.model.parameters()).dtype
         self.cache = SlotCache(loaded.model.config, max_batch, loaded.context_len, loaded.device, dtype)
         # decode-only steps (the steady state) through torch.compile: fused kernels instead of a few hundred
@@ -308,21 +318,37 @@ class Engine:
 
     def run(self) -> None:
         """The engine loop, on the calling thread, until `close()`."""
+        flushed = time.monotonic()
         while not self._stop.is_set():
             self._take_new()
+            if time.monotonic() - flushed > FLUSH_S:
+                self.meter.flush()
+                flushed = time.monotonic()
             step = self._reap_and_schedule()
             if step is None:
                 continue
+            self.metrics.idle_energy.inc(self.meter.step_started())
+            shares = [(s, 1) for s in step.decode] + [(seq, n) for seq, _, n in step.chunks]
             try:
                 sampled = self._execute(step)
             except Exception as e:  # a failing step fails its requests, not the engine
-                failed = {id(s): s for s in [*step.decode, *(c for c, _, _ in step.chunks)]}
+                self._book(shares)
+                failed = {id(s): s for s, _ in shares}
                 for seq in failed.values():
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
                 continue
+            self._book(shares)
             self._update(step, sampled)
         for seq in list(self.scheduler.running):  # shutting down: nobody is left waiting
             self._finish(seq, "cancelled")
+        self.meter.flush()
+
+    def _book(self, shares: list[tuple[Sequence, int]]) -> None:
+        """Charge the step's energy to its sequences by their tokens in it."""
+        parts = self.meter.step_finished(shares)
+        for (seq, _), joules in zip(shares, parts, strict=True):
+            seq.energy_j += joules
+        self.metrics.request_energy.inc(sum(parts))
 
     def _take_new(self) -> None:
         """Move queued requests into free slots; block while there is nothing at all to do."""
@@ -435,7 +461,11 @@ class Engine:
         if seq.generated > 1 and seq.first_token_at is not None:
             self.metrics.tpot.observe((seq.last_token_at - seq.first_token_at) / (seq.generated - 1))
         self.metrics.finished(reason)
-        self._emit(seq.req, Done(reason, len(seq.req.prompt_ids), seq.generated, error=error))
+        bill = self.meter.charge(
+            seq.energy_j, len(seq.req.prompt_ids), seq.generated, time.monotonic() - seq.req.arrival
+        )
+        done = Done(reason, len(seq.req.prompt_ids), seq.generated, error, bill.energy_j, bill.cost_usd)
+        self._emit(seq.req, done)
 
     @staticmethod
     def _emit(req: Request, event: Event) -> None:

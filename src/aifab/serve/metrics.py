@@ -44,6 +44,14 @@ class ServeMetrics:
             "aifab_rejected_requests", "Requests refused with 429 because the queue was full.", ["model"], registry=r
         ).labels(**labels)
         self.steps = Counter("aifab_engine_steps", "Engine steps executed.", ["model"], registry=r).labels(**labels)
+        energy = Counter(
+            "aifab_energy_joules",
+            "Device energy, charged to requests (by their tokens in each step) or idle between steps.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.request_energy = energy.labels(kind="requests", **labels)
+        self.idle_energy = energy.labels(kind="idle", **labels)
         self._labels = labels
 
     def watch(self, queue_depth: Callable[[], float], running: Callable[[], float]) -> None:

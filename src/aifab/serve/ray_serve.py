@@ -29,6 +29,7 @@ class EngineReplica:
 
     def __init__(self, home: str, ref: str, max_batch: int, max_queue: int, api_key: str | None) -> None:
         from aifab.serve.engine import Engine, LoadedModel
+        from aifab.serve.metering import ledger_meter
         from aifab.store import Store
 
         # the model is loaded on the engine's own thread, the only one that runs torch (see Engine on why)
@@ -36,11 +37,10 @@ class EngineReplica:
 
         def engine_thread() -> None:
             try:
-                store = Store(home)
-                try:
-                    box["engine"] = Engine(LoadedModel.load(store, ref), max_queue, max_batch, start=False)
-                finally:
-                    store.close()
+                store = Store(home)  # stays open: the meter writes each request's charge to the ledger
+                loaded = LoadedModel.load(store, ref)
+                meter = ledger_meter(store.db, loaded.version_id)
+                box["engine"] = Engine(loaded, max_queue, max_batch, start=False, meter=meter)
             except BaseException as e:  # the replica's constructor re-raises it, so Ray Serve reports it
                 box["error"] = e
                 return

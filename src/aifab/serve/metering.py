@@ -1,0 +1,178 @@
+"""Energy attribution inside the serving engine: every joule the device spends goes to a request or to idle.
+
+The engine reads the sampler's cumulative counter at the start and the end of each step. A step's energy is
+split among the requests in it by their tokens in that step (a decode token counts one, a prompt chunk of n
+tokens counts n), so a request that shares steps with many others pays a small share of each. The energy
+between steps (waiting for work, HTTP handling) is idle and booked apart, so at any moment
+
+    sum of request charges + idle = counter now - counter at start      (exactly, up to float rounding)
+
+A counter that goes backwards (a reset, or a wrap the sampler did not handle) books nothing for that window
+and counts it in `counter_resets`, rather than booking a negative energy.
+
+Finished requests' charges are handed to `sink` in batches (the serve command writes them to the ledger), so
+the engine thread never waits on the database per request.
+"""
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aifab.meter.ledger import Prices
+from aifab.meter.samplers import Sampler, auto_sampler
+
+
+@dataclass(frozen=True)
+class RequestCharge:
+    energy_j: float
+    cost_usd: float
+    co2_g: float
+    tokens_in: int
+    tokens_out: int
+    elapsed_s: float
+
+
+class ServeMeter:
+    def __init__(
+        self,
+        sampler: Sampler | None = None,
+        prices: Prices | None = None,
+        sink: Callable[[list[RequestCharge], float], None] | None = None,
+        flush_every: int = 64,
+    ) -> None:
+        """`sink(charges, idle_j)` receives finished requests and the idle energy since the last call."""
+        self.sampler = sampler or auto_sampler()
+        if prices is None:
+            from aifab.spec import MeterSpec
+
+            prices = Prices(**MeterSpec().model_dump())
+        self.prices = prices
+        self.sink, self.flush_every = sink, flush_every
+        self.start_j = self.last_j = self.sampler.energy_j()
+        self.request_j = 0.0  # charged to requests, finished or not
+        self.idle_j = 0.0
+        self.counter_resets = 0
+        self._pending: list[RequestCharge] = []
+        self._pending_idle_j = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def estimated(self) -> bool:
+        return bool(self.sampler.estimated)
+
+    def _read(self) -> float:
+        """Energy since the last read; 0 (and a counted reset) if the counter went backwards."""
+        now = self.sampler.energy_j()
+        spent = now - self.last_j
+        self.last_j = now
+        if spent < 0:
+            self.counter_resets += 1
+            return 0.0
+        return spent
+
+    def step_started(self) -> float:
+        """Book the energy since the last step as idle; returns it."""
+        idle = self._read()
+        self.idle_j += idle
+        self._pending_idle_j += idle
+        return idle
+
+    def step_finished(self, shares: list[tuple[Any, int]]) -> list[float]:
+        """The step's energy split over `shares` (owner, tokens in the step): each owner's joules, in order."""
+        spent = self._read()
+        total = sum(n for _, n in shares)
+        if total == 0:  # nothing was computed for anyone: the energy was idle
+            self.idle_j += spent
+            self._pending_idle_j += spent
+            return [0.0] * len(shares)
+        parts = [spent * n / total for _, n in shares]
+        self.request_j += sum(parts)
+        return parts
+
+    def charge(self, energy_j: float, tokens_in: int, tokens_out: int, elapsed_s: float) -> RequestCharge:
+        """A finished request's bill; queued for the sink."""
+        c = RequestCharge(
+            energy_j,
+            self.prices.cost_usd(energy_j),
+            self.prices.co2_g(energy_j),
+            tokens_in,
+            tokens_out,
+            elapsed_s,
+        )
+        with self._lock:
+            self._pending.append(c)
+            full = len(self._pending) >= self.flush_every
+        if full:
+            self.flush()
+        return c
+
+    def flush(self) -> None:
+        """Hand the queued charges and the idle energy so far to the sink."""
+        with self._lock:
+            pending, idle, self._pending, self._pending_idle_j = self._pending, self._pending_idle_j, [], 0.0
+        if self.sink is not None and (pending or idle):
+            self.sink(pending, idle)
+
+    def balance_error_j(self) -> float:
+        """Counter difference since start minus everything booked (0 up to rounding; resets aside)."""
+        return (self.last_j - self.start_j) - (self.request_j + self.idle_j)
+
+
+def ledger_sink(
+    db: Any, model_version_id: int, sampler: Sampler, prices: Prices
+) -> Callable[[list[RequestCharge], float], None]:
+    """A sink that writes each finished request as a `serve` ledger row and the idle energy as a `serve-idle`
+    row, both charged to the served model version (so `aifab ledger --by model` and `aifab plan --from-model`
+    see them)."""
+    from aifab.store.schema import LedgerEntry
+
+    def write(charges: list[RequestCharge], idle_j: float) -> None:
+        common = {
+            "subject_kind": "model",
+            "subject_id": str(model_version_id),
+            "device": sampler.device[:64],
+            "sampler": sampler.name,
+            "estimated": sampler.estimated,
+        }
+        rows = [
+            LedgerEntry(
+                stage="serve",
+                elapsed_s=c.elapsed_s,
+                device_s=c.elapsed_s,
+                energy_j=c.energy_j,
+                cost_usd=c.cost_usd,
+                co2_g=c.co2_g,
+                tokens_in=c.tokens_in,
+                tokens_out=c.tokens_out,
+                **common,
+            )
+            for c in charges
+        ]
+        if idle_j > 0:
+            rows.append(
+                LedgerEntry(
+                    stage="serve-idle",
+                    elapsed_s=0.0,
+                    device_s=0.0,
+                    energy_j=idle_j,
+                    cost_usd=prices.cost_usd(idle_j),
+                    co2_g=prices.co2_g(idle_j),
+                    **common,
+                )
+            )
+        with db.session() as s:
+            s.add_all(rows)
+
+    return write
+
+
+def ledger_meter(db: Any, model_version_id: int | None, prices: Prices | None = None) -> ServeMeter:
+    """The meter `aifab serve` uses: the auto-chosen sampler, the meter prices (factory.yaml `meter:`
+    defaults unless given), and the ledger as its sink (none for a model that is not in the registry)."""
+    from aifab.spec import MeterSpec
+
+    sampler = auto_sampler()
+    prices = prices or Prices(**MeterSpec().model_dump())
+    sink = None if model_version_id is None else ledger_sink(db, model_version_id, sampler, prices)
+    return ServeMeter(sampler, prices, sink)
