@@ -1,16 +1,20 @@
 """Energy samplers. Each reads a cumulative joule figure; the difference over a window is its energy.
 
+- `NvmlSampler`: the NVML total-energy counter of each visible GPU (`nvmlDeviceGetTotalEnergyConsumption`,
+  millijoules since the driver loaded; Volta and later), summed. Measured.
 - `RaplSampler`: Linux powercap (intel-rapl) package and DRAM counters. Measured.
-- `CpuTimeEstimate`: busy CPU seconds of this process x watts per core from the catalog. An estimate,
-  and labelled so (`estimated = True`) everywhere it appears.
-`auto_sampler()` picks the first that works on this machine and says which through `.name`.
-(NVML for GPUs arrives with the metering issue.)
+- `CpuTimeEstimate`: busy CPU seconds of this process x watts per core from the catalog (utilisation x TDP).
+  An estimate, and labelled so (`estimated = True`) everywhere it appears.
+`auto_sampler()` picks the first that works on this machine and says which through `.name` and `.device`.
+
+A counter that goes backwards (a driver reload resets NVML's; RAPL's wraps at max_energy_range_uj, which is
+handled) adds nothing for that reading and is counted in `.resets`, so no window books a negative energy.
 """
 
 import os
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from aifab.meter.catalog import GENERIC_SERVER_CPU, CpuSpec
 
@@ -84,12 +88,65 @@ class RaplSampler:
         return _cpu_seconds()
 
 
+class NvmlSampler:
+    """Sum of the NVML total-energy counters of the GPUs this process may use ($CUDA_VISIBLE_DEVICES, as
+    indexes, else all); busy time is the wall time a GPU reports non-zero utilisation, sampled at each read."""
+
+    name = "nvml"
+    estimated = False
+
+    def __init__(self, nvml: Any = None) -> None:
+        if nvml is None:
+            try:
+                import pynvml
+            except ImportError as e:
+                raise OSError("nvidia-ml-py is not installed") from e
+            nvml = pynvml
+        self.nvml = nvml
+        try:
+            nvml.nvmlInit()
+            count = nvml.nvmlDeviceGetCount()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            indexes = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else range(count)
+            self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in indexes if i < count]
+            if not self.handles:
+                raise OSError("NVML sees no GPU")
+            self._last = [int(nvml.nvmlDeviceGetTotalEnergyConsumption(h)) for h in self.handles]
+            names = {str(nvml.nvmlDeviceGetName(h)) for h in self.handles}
+        except nvml.NVMLError as e:  # no driver, or a GPU without the energy counter (before Volta)
+            raise OSError(f"NVML energy counter unavailable: {e}") from e
+        self._total_mj = 0
+        self._busy_s, self._last_t = 0.0, time.perf_counter()
+        self.resets = 0
+        self.device = f"{len(self.handles)} x {', '.join(sorted(names))}"[:64]
+
+    def energy_j(self) -> float:
+        for i, h in enumerate(self.handles):
+            now = int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(h))
+            delta = now - self._last[i]
+            if delta < 0:  # the counter restarted (driver reload): this reading adds nothing
+                self.resets += 1
+                delta = 0
+            self._total_mj += delta
+            self._last[i] = now
+        return self._total_mj / 1e3
+
+    def busy_s(self) -> float:
+        now = time.perf_counter()
+        busy = [self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+        self._busy_s += (now - self._last_t) * sum(1 for u in busy if u > 0)
+        self._last_t = now
+        return self._busy_s
+
+
 def auto_sampler() -> Sampler:
-    """RAPL where it is readable, else the CPU-time estimate."""
-    try:
-        return RaplSampler()
-    except (OSError, ValueError):
-        return CpuTimeEstimate()
+    """NVML where a GPU exposes its energy counter, else RAPL where it is readable, else the CPU-time estimate."""
+    for kind in (NvmlSampler, RaplSampler):
+        try:
+            return kind()
+        except (OSError, ValueError):
+            continue
+    return CpuTimeEstimate()
 
 
 def monotonic_s() -> float:
