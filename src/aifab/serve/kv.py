@@ -37,6 +37,7 @@ class StepLayout:
     def __init__(self, decode: list[tuple[int, int]], chunks: list[Chunk], slots: int, device: torch.device):
         # decode: (slot, position) of each decoding sequence's new token, packed at indices 0..D-1
         self.n_decode, self.chunks = len(decode), chunks
+        self.single = decode[0] if len(decode) == 1 and not chunks else None  # (slot, position)
         slot_of = [s for s, _ in decode] + [c.slot for c in chunks for _ in range(c.length)]
         pos_of = [p for _, p in decode] + [c.start + i for c in chunks for i in range(c.length)]
         self.slots = torch.tensor(slot_of, dtype=torch.long, device=device)
@@ -74,6 +75,13 @@ class SlotCache:
         lay = self.layout
         assert lay is not None, "set the step's layout before the forward pass"
         K, V = self.k[layer], self.v[layer]
+        if lay.single is not None:  # one sequence decoding alone (batch 1): plain slices, no mask, no gathers
+            slot, p = lay.single
+            K[slot, :, p] = k[0, :, 0]
+            V[slot, :, p] = v[0, :, 0]
+            return F.scaled_dot_product_attention(
+                q, K[slot : slot + 1, :, : p + 1], V[slot : slot + 1, :, : p + 1], enable_gqa=gqa
+            )
         # K[slots, :, positions] is (N, nkv, hs): the advanced indices lead
         K[lay.slots, :, lay.positions] = k[0].transpose(0, 1)
         V[lay.slots, :, lay.positions] = v[0].transpose(0, 1)
