@@ -1,6 +1,7 @@
 """Serving energy attribution: each step's energy goes to its requests by their tokens, the rest is idle, and
 the books balance against the counter; charges reach the API's usage, /metrics and the ledger."""
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from aifab.meter.ledger import J_PER_KWH, Prices
 from aifab.serve.api import create_app
 from aifab.serve.engine import Done, Engine, Event, LoadedModel, Request
-from aifab.serve.metering import ServeMeter, ledger_sink
+from aifab.serve.metering import RequestCharge, ServeMeter, ledger_sink, new_deployment_id
 from aifab.serve.sampling import SamplingParams
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
@@ -153,5 +154,21 @@ def test_the_ledger_gets_one_serve_row_per_request_and_the_idle(trained: tuple[S
             assert got == [("serve", "model", "7", 20.0, 10, 2), ("serve-idle", "model", "7", 5.0, 0, 0)]
             assert rows[1].cost_usd == pytest.approx(PRICES.cost_usd(5.0))
             assert all(r.sampler == "script" and r.estimated is False for r in rows)
+            assert all(r.deployment is None for r in rows)  # no deployment named
+    finally:
+        store.close()
+
+
+def test_the_ledger_rows_carry_the_deployment(tmp_path: Path) -> None:
+    store = Store(tmp_path / "home")
+    try:
+        dep = new_deployment_id()
+        assert re.fullmatch(r"dep-[0-9a-f]{8}", dep) and new_deployment_id() != dep
+        sampler = Script(0.0, 5.0, 25.0)
+        sink = ledger_sink(store.db, 7, sampler, PRICES, deployment=dep)  # type: ignore[arg-type]
+        sink([RequestCharge(20.0, 0.1, 2.0, 10, 2, 0.25)], 5.0)
+        with store.db.session() as s:
+            rows = s.scalars(select(LedgerEntry).order_by(LedgerEntry.id)).all()
+            assert [(r.stage, r.deployment) for r in rows] == [("serve", dep), ("serve-idle", dep)]
     finally:
         store.close()

@@ -1,6 +1,7 @@
 """`aifab serve MODEL --engine ray --replicas 2`: two engine replicas behind one endpoint on a local Ray,
 with the same API (driven by the official `openai` client), and a clean stop on SIGTERM."""
 
+import re
 import signal
 import socket
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from sqlalchemy import Select, func, select
 
 from aifab.store import Store
+from aifab.store.schema import LedgerEntry
 from helpers import cli_env
 from serving import MODEL
 
@@ -63,6 +66,16 @@ def test_two_replicas_behind_one_endpoint(trained: tuple[Store, str], tmp_path: 
             model=MODEL, messages=[{"role": "user", "content": "def"}], max_tokens=4, temperature=0
         )
         assert chat.choices[0].message.role == "assistant" and chat.usage is not None
+        # every replica stamps its ledger rows with the deployment id of the startup line (flushed each second)
+        found = re.search(r"deployment (dep-[0-9a-f]{8})", (tmp_path / "serve.err").read_text())
+        assert found is not None
+        query = select(func.count(LedgerEntry.id)).where(
+            LedgerEntry.stage == "serve", LedgerEntry.deployment == found[1]
+        )
+        deadline = time.monotonic() + 10
+        while (n := _count(store, query)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert n == 4  # whole, again, the stream and the chat; the 400 is not charged
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -71,3 +84,8 @@ def test_two_replicas_behind_one_endpoint(trained: tuple[Store, str], tmp_path: 
             if proc.poll() is None:
                 proc.kill()
             log.close()
+
+
+def _count(store: Store, query: Select[tuple[int]]) -> int:
+    with store.db.session() as s:
+        return int(s.scalar(query) or 0)

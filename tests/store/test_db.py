@@ -295,29 +295,20 @@ def test_upgrading_a_first_schema_database_keeps_its_rows(tmp_path: Path) -> Non
 
 def test_upgrading_a_0002_database_adds_model_generation_as_empty(tmp_path: Path) -> None:
     """0003 adds model_versions.generation; models registered before it read back `{}` (nothing known)."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import inspect, text
+    from sqlalchemy import inspect
 
-    from aifab.store.db import MIGRATIONS, Database, make_engine
+    from aifab.store.db import Database
     from aifab.store.schema import ModelVersion
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    engine = make_engine(url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0002")
-        assert "generation" not in {c["name"] for c in inspect(conn).get_columns("model_versions")}
-        conn.execute(
-            text(
-                "INSERT INTO model_versions (name, version, created_at, weights_digest, tokenizer_digest, config,"
-                " params_count, metrics) VALUES ('old', 1, '2026-01-01 00:00:00', :d, :d, '{}', 10, '{}')"
-            ),
-            {"d": "a" * 64},
-        )
-    engine.dispose()
+    url = old_database(
+        tmp_path,
+        "0002",
+        "model_versions",
+        "generation",
+        "INSERT INTO model_versions (name, version, created_at, weights_digest, tokenizer_digest, config,"
+        " params_count, metrics) VALUES ('old', 1, '2026-01-01 00:00:00', :d, :d, '{}', 10, '{}')",
+        d="a" * 64,
+    )
     db = Database(url)
     try:
         assert "generation" in {c["name"] for c in inspect(db.engine).get_columns("model_versions")}
@@ -331,3 +322,61 @@ def test_upgrading_a_0002_database_adds_model_generation_as_empty(tmp_path: Path
             assert s.scalars(select(ModelVersion.generation).where(ModelVersion.version == 2)).one() == {}
     finally:
         db.close()
+
+
+def test_upgrading_a_0003_database_adds_ledger_deployment(tmp_path: Path) -> None:
+    """0004 adds ledger.deployment; rows written before it read back None and new rows keep their id."""
+    from sqlalchemy import inspect
+
+    from aifab.store.db import Database
+    from aifab.store.schema import LedgerEntry
+
+    url = old_database(
+        tmp_path,
+        "0003",
+        "ledger",
+        "deployment",
+        "INSERT INTO ledger (created_at, stage, subject_kind, subject_id, device, sampler, estimated,"
+        " elapsed_s, device_s, energy_j, cost_usd, co2_g, tokens_in, tokens_out) VALUES"
+        " ('2026-01-01 00:00:00', 'serve', 'model', '1', 'cpu', 'rapl', 0, 1, 1, 12.5, 0.1, 2, 3, 4)",
+    )
+    db = Database(url)
+    try:
+        assert "deployment" in {c["name"] for c in inspect(db.engine).get_columns("ledger")}
+        with db.session() as s:
+            row = s.scalars(select(LedgerEntry)).one()
+            assert (row.stage, row.energy_j, row.tokens_out, row.deployment) == ("serve", 12.5, 4, None)
+            s.add(
+                LedgerEntry(
+                    stage="serve", subject_kind="model", subject_id="1", device="cpu", sampler="rapl",
+                    estimated=False, elapsed_s=0, device_s=0, energy_j=1, cost_usd=0, co2_g=0,
+                    deployment="dep-0123abcd",
+                )
+            )  # fmt: skip
+        with db.session() as s:
+            got = s.scalars(select(LedgerEntry.deployment).order_by(LedgerEntry.id)).all()
+            assert got == [None, "dep-0123abcd"]
+    finally:
+        db.close()
+
+
+def old_database(tmp_path: Path, revision: str, table: str, column: str, insert: str, **params: object) -> str:
+    """A SQLite store migrated only up to `revision` (which must lack `table.column`), holding one row written
+    by `insert`; returns its URL. Opening it with `Database` runs the later migrations."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect, text
+
+    from aifab.store.db import MIGRATIONS, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        assert column not in {c["name"] for c in inspect(conn).get_columns(table)}
+        conn.execute(text(insert), params)
+    engine.dispose()
+    return url

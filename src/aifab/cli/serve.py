@@ -29,7 +29,7 @@ def serve(
     """Serve a registered model over HTTP until interrupted."""
     from aifab.serve.api import create_app
     from aifab.serve.engine import Engine, LoadedModel
-    from aifab.serve.metering import ledger_meter
+    from aifab.serve.metering import ledger_meter, new_deployment_id
     from aifab.serve.server import BackgroundServer, bind
 
     if engine_kind not in ("local", "ray"):
@@ -38,6 +38,7 @@ def serve(
         raise ServeError("--replicas needs --engine ray (one process serves one engine)")
     key = api_key or os.environ.get("AIFAB_API_KEY") or None
     store = open_store()
+    deployment = new_deployment_id()  # stamped on every ledger row this process (or Ray Serve app) writes
     if engine_kind == "ray":
         from aifab.registry.models import resolve
         from aifab.serve.ray_serve import serve_on_ray
@@ -47,24 +48,25 @@ def serve(
 
         def ready(url: str) -> None:
             err.print(
-                f"serving {mv.name}:{mv.version} on {url} with {replicas} Ray Serve replicas{auth} (Ctrl-C to stop)"
+                f"serving {mv.name}:{mv.version} on {url} with {replicas} Ray Serve replicas{auth}, "
+                f"deployment {deployment} (Ctrl-C to stop)"
             )
 
         serve_on_ray(
             str(store.home), model, host=host, port=port, replicas=replicas, max_batch=max_batch,
-            max_queue=max_queue, api_key=key, on_ready=ready,
+            max_queue=max_queue, api_key=key, on_ready=ready, deployment=deployment,
         )  # fmt: skip
         return
     loaded = LoadedModel.load(store, model)
     sock = bind(host, port)  # an occupied port fails here, before the engine starts
     # the engine runs on this thread, the one that loaded the model (see Engine: CPU decode is several times
     # faster there); uvicorn runs on a thread of its own
-    meter = ledger_meter(store.db, loaded.version_id)  # each request's energy and cost go to the ledger
+    meter = ledger_meter(store.db, loaded.version_id, deployment=deployment)  # each request's energy goes to the ledger
     engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch, start=False, compile=compile_, meter=meter)
     signal.signal(signal.SIGTERM, lambda *_: engine.close())
     with BackgroundServer(create_app(engine, api_key=key), sock=sock) as srv:
         auth = " with an API key" if key else ""
-        err.print(f"serving {loaded.id} on {srv.url}/v1{auth} (Ctrl-C to stop)")
+        err.print(f"serving {loaded.id} on {srv.url}/v1{auth}, deployment {deployment} (Ctrl-C to stop)")
         try:
             engine.run()
         except KeyboardInterrupt:

@@ -23,18 +23,23 @@ def models(ctx: typer.Context, name: str | None = typer.Option(None, "--name", h
     """List model versions (optionally of one name) with their aliases and metrics."""
     if ctx.invoked_subcommand is not None:
         return
+    from aifab.meter.ledger import model_footprints
     from aifab.registry.models import aliases_of, list_versions
 
     store = open_store()
-    table = Table("model", "params", "val loss", "aliases", "run", "created")
-    for mv in list_versions(store, name):
+    versions = list_versions(store, name)
+    footprints = model_footprints(store.db, [mv.id for mv in versions])  # see `aifab ledger --by model`
+    table = Table("model", "params", "val loss", "aliases", "run", "energy J make / serve", "created")
+    for mv in versions:
         val = mv.metrics.get("val_loss")
+        fp = footprints[mv.id]
         table.add_row(
             f"{mv.name}:{mv.version}",
             f"{mv.params_count:,}",
             f"{val:.3f}" if val is not None else "-",
             ", ".join(aliases_of(store, mv.id)),
             mv.run_id or "-",
+            _footprint(fp),
             f"{mv.created_at:%Y-%m-%d %H:%M}",
         )
     out.print(table)
@@ -110,3 +115,11 @@ def show(run_id: str = typer.Argument(...), as_json: bool = typer.Option(False, 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _footprint(fp: dict[str, Any]) -> str:
+    """`making / serving` joules of a model version, "(est.)" when any of it is an estimate; "-" when unmetered."""
+    if not fp["entries"]:
+        return "-"
+    text = f"{fp['making']['energy_j']:,.0f} / {fp['serving']['energy_j']:,.0f}"
+    return f"{text} (est.)" if fp["estimated"] else text

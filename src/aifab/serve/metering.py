@@ -14,6 +14,7 @@ Finished requests' charges are handed to `sink` in batches (the serve command wr
 the engine thread never waits on the database per request.
 """
 
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,12 +120,17 @@ class ServeMeter:
         return (self.last_j - self.start_j) - (self.request_j + self.idle_j)
 
 
+def new_deployment_id() -> str:
+    """A fresh id for one `aifab serve` process or Ray Serve app: `dep-` and 8 hex digits."""
+    return f"dep-{secrets.token_hex(4)}"
+
+
 def ledger_sink(
-    db: Any, model_version_id: int, sampler: Sampler, prices: Prices
+    db: Any, model_version_id: int, sampler: Sampler, prices: Prices, deployment: str | None = None
 ) -> Callable[[list[RequestCharge], float], None]:
     """A sink that writes each finished request as a `serve` ledger row and the idle energy as a `serve-idle`
     row, both charged to the served model version (so `aifab ledger --by model` and `aifab plan --from-model`
-    see them)."""
+    see them) and stamped with `deployment` (so `aifab ledger --by deployment` sees them)."""
     from aifab.store.schema import LedgerEntry
 
     def write(charges: list[RequestCharge], idle_j: float) -> None:
@@ -134,6 +140,7 @@ def ledger_sink(
             "device": sampler.device[:64],
             "sampler": sampler.name,
             "estimated": sampler.estimated,
+            "deployment": deployment,
         }
         rows = [
             LedgerEntry(
@@ -167,12 +174,15 @@ def ledger_sink(
     return write
 
 
-def ledger_meter(db: Any, model_version_id: int | None, prices: Prices | None = None) -> ServeMeter:
+def ledger_meter(
+    db: Any, model_version_id: int | None, prices: Prices | None = None, deployment: str | None = None
+) -> ServeMeter:
     """The meter `aifab serve` uses: the auto-chosen sampler, the meter prices (factory.yaml `meter:`
-    defaults unless given), and the ledger as its sink (none for a model that is not in the registry)."""
+    defaults unless given), and the ledger as its sink (none for a model that is not in the registry), with
+    every row stamped with `deployment`."""
     from aifab.spec import MeterSpec
 
     sampler = auto_sampler()
     prices = prices or Prices(**MeterSpec().model_dump())
-    sink = None if model_version_id is None else ledger_sink(db, model_version_id, sampler, prices)
+    sink = None if model_version_id is None else ledger_sink(db, model_version_id, sampler, prices, deployment)
     return ServeMeter(sampler, prices, sink)

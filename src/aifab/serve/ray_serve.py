@@ -27,7 +27,9 @@ APP_NAME = "aifab"
 class EngineReplica:
     """One Ray Serve replica: the model, its engine, and the app in front of them."""
 
-    def __init__(self, home: str, ref: str, max_batch: int, max_queue: int, api_key: str | None) -> None:
+    def __init__(
+        self, home: str, ref: str, max_batch: int, max_queue: int, api_key: str | None, deployment: str | None = None
+    ) -> None:
         from aifab.serve.engine import Engine, LoadedModel
         from aifab.serve.metering import ledger_meter
         from aifab.store import Store
@@ -39,7 +41,7 @@ class EngineReplica:
             try:
                 store = Store(home)  # stays open: the meter writes each request's charge to the ledger
                 loaded = LoadedModel.load(store, ref)
-                meter = ledger_meter(store.db, loaded.version_id)
+                meter = ledger_meter(store.db, loaded.version_id, deployment=deployment)  # shared by all replicas
                 box["engine"] = Engine(loaded, max_queue, max_batch, start=False, meter=meter)
             except BaseException as e:  # the replica's constructor re-raises it, so Ray Serve reports it
                 box["error"] = e
@@ -77,11 +79,16 @@ def serve_on_ray(
     max_queue: int,
     api_key: str | None,
     on_ready: Any = print,
+    deployment: str | None = None,
 ) -> None:
-    """Deploy `replicas` engines of model `ref` behind http://host:port and block until SIGINT or SIGTERM."""
+    """Deploy `replicas` engines of model `ref` behind http://host:port and block until SIGINT or SIGTERM.
+
+    Every replica stamps its ledger rows with the same `deployment` id (a fresh one unless given)."""
     from aifab.cluster import connect
+    from aifab.serve.metering import new_deployment_id
     from aifab.serve.server import bind
 
+    deployment = deployment or new_deployment_id()
     if replicas < 1:
         raise ServeError(f"--replicas must be at least 1, not {replicas}")
     probe = bind(host, port)  # an occupied port is a one-line error before Ray starts anything
@@ -102,7 +109,7 @@ def serve_on_ray(
         )
     env = {k: os.environ[k] for k in ("AIFAB_DB",) if k in os.environ}
     replica_cls = serve.ingress()(EngineReplica)
-    deployment: Any = serve.deployment(
+    ray_deployment: Any = serve.deployment(
         replica_cls,
         name="engine",
         num_replicas=replicas,
@@ -121,7 +128,9 @@ def serve_on_ray(
     signal.signal(signal.SIGTERM, ask_stop)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment.bind(home, ref, max_batch, max_queue, api_key), name=APP_NAME, route_prefix="/")
+        serve.run(
+            ray_deployment.bind(home, ref, max_batch, max_queue, api_key, deployment), name=APP_NAME, route_prefix="/"
+        )
         if not stop["now"]:
             on_ready(f"http://{host}:{port}/v1")
         while not stop["now"]:

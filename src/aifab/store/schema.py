@@ -176,3 +176,6 @@ class LedgerEntry(Base):
     co2_g: Mapped[float] = mapped_column(Float)
     tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    # added in 0004: the `aifab serve` process (or Ray Serve app) whose rows these are, e.g. dep-1a2b3c4d;
+    # None for the other stages and for rows written before 0004
+    deployment: Mapped[str | None] = mapped_column(String(32))
