@@ -35,6 +35,7 @@ class NullMeter:
     """The engine's meter interface doing nothing: the baseline."""
 
     estimated = True
+    last_step_s = 0.0
 
     def __init__(self) -> None:
         from aifab.serve.metering import RequestCharge

@@ -130,6 +130,21 @@ def test_bad_literal(tmp_path: Path) -> None:
     assert "'huge'" in msg
 
 
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("electricity_usd_per_kwh: -0.1", "electricity_usd_per_kwh"),
+        ("electricity_usd_per_kwh: cheap", "electricity_usd_per_kwh"),
+        ("grid_co2_g_per_kwh: -5", "grid_co2_g_per_kwh"),
+        ("pue: 0.9", "pue"),
+        ("capex_usd_per_device_hour: -1", "capex_usd_per_device_hour"),
+    ],
+)
+def test_bad_prices_name_the_field(tmp_path: Path, line: str, field: str) -> None:
+    path = _write(tmp_path, f"meter:\n  {line}\n")
+    assert _error(path).startswith(f"{path}:2: meter.{field}: ")
+
+
 @pytest.mark.parametrize("name", ["../x", "-flag", "has space", "abc\\n"])
 def test_bad_model_name(tmp_path: Path, name: str) -> None:
     path = _write(tmp_path, f'name: "{name}"\n')

@@ -160,6 +160,10 @@ class MeterSpec(_Section):
     grid_co2_g_per_kwh: float = Field(default=373.0, ge=0)
     # A laptop or a server in an ordinary room: no facility overhead.
     pue: float = Field(default=1.0, ge=1.0, le=3.0)
+    # The hardware's price spread over its life, charged per device-hour held. 0 by default (a machine that is
+    # already paid for). For a cluster, e.g. the catalog's H100 all-in $50,000 per GPU over 5 years of
+    # 8,760 h: 50000 / 43800 = $1.14 per GPU-hour (aifab.meter.catalog, an industry estimate).
+    capex_usd_per_device_hour: float = Field(default=0.0, ge=0)
 
 
 class FactorySpec(_Section):
@@ -351,4 +355,5 @@ meter:
   electricity_usd_per_kwh: 0.127
   grid_co2_g_per_kwh: 373.0
   pue: 1.0
+  capex_usd_per_device_hour: 0.0  # hardware price over its life; e.g. an H100 at $50k over 5 years is 1.14
 """

@@ -66,6 +66,14 @@ def test_a_step_is_split_by_tokens_and_the_gap_is_idle() -> None:
     assert bill.co2_g == pytest.approx(62.0 * 1.5 / J_PER_KWH * 400.0)
 
 
+def test_the_bill_includes_the_hardwares_capex_for_the_device_time() -> None:
+    prices = Prices(electricity_usd_per_kwh=0.2, grid_co2_g_per_kwh=400.0, pue=1.5, capex_usd_per_device_hour=3.6)
+    m = ServeMeter(Script(0.0), prices)
+    bill = m.charge(3.6e6, 5, 5, 2.0, device_s=1000.0)  # 1 kWh at PUE 1.5, and 1000 device-seconds
+    assert bill.cost_usd == pytest.approx(1.5 * 0.2 + 1000 / 3600 * 3.6)
+    assert bill.device_s == 1000.0
+
+
 def test_a_counter_that_goes_backwards_books_nothing_and_is_counted() -> None:
     m = ServeMeter(Script(100.0, 120.0, 50.0, 70.0), PRICES)
     m.step_started()  # 20 J idle
@@ -89,7 +97,7 @@ def collect() -> tuple[list[Done], Any]:
 
 def test_under_batching_requests_and_idle_add_up_to_the_counter(loaded: LoadedModel) -> None:
     flushed: list[tuple[list[Any], float]] = []
-    meter = ServeMeter(Trace(watts=250.0), PRICES, sink=lambda c, idle: flushed.append((c, idle)))
+    meter = ServeMeter(Trace(watts=250.0), PRICES, sink=lambda c, idle_j, idle_s: flushed.append((c, idle_j)))
     engine = Engine(loaded, max_batch=4, chunk_tokens=8, meter=meter)
     sinks = []
     try:
@@ -166,9 +174,10 @@ def test_the_ledger_rows_carry_the_deployment(tmp_path: Path) -> None:
         assert re.fullmatch(r"dep-[0-9a-f]{8}", dep) and new_deployment_id() != dep
         sampler = Script(0.0, 5.0, 25.0)
         sink = ledger_sink(store.db, 7, sampler, PRICES, deployment=dep)  # type: ignore[arg-type]
-        sink([RequestCharge(20.0, 0.1, 2.0, 10, 2, 0.25)], 5.0)
+        sink([RequestCharge(20.0, 0.1, 2.0, 10, 2, 0.25, 0.2)], 5.0, 1.5)
         with store.db.session() as s:
             rows = s.scalars(select(LedgerEntry).order_by(LedgerEntry.id)).all()
             assert [(r.stage, r.deployment) for r in rows] == [("serve", dep), ("serve-idle", dep)]
+            assert [r.device_s for r in rows] == [0.2, 1.5]  # the request's share of steps; the idle time
     finally:
         store.close()

@@ -25,9 +25,12 @@ class Prices:
     electricity_usd_per_kwh: float
     grid_co2_g_per_kwh: float
     pue: float
+    capex_usd_per_device_hour: float = 0.0  # the hardware's purchase price amortised over its hours of life
 
-    def cost_usd(self, energy_j: float) -> float:
-        return energy_j * self.pue / J_PER_KWH * self.electricity_usd_per_kwh
+    def cost_usd(self, energy_j: float, device_s: float = 0.0) -> float:
+        """Electricity (with the facility's PUE) plus the hardware's amortised capex for `device_s`."""
+        electricity = energy_j * self.pue / J_PER_KWH * self.electricity_usd_per_kwh
+        return electricity + device_s / 3600.0 * self.capex_usd_per_device_hour
 
     def co2_g(self, energy_j: float) -> float:
         return energy_j * self.pue / J_PER_KWH * self.grid_co2_g_per_kwh
@@ -70,7 +73,7 @@ class Meter:
             charge.elapsed_s = monotonic_s() - t0
             charge.device_s = self.sampler.busy_s() - b0
             charge.energy_j = self.sampler.energy_j() - e0
-            charge.cost_usd = self.prices.cost_usd(charge.energy_j)
+            charge.cost_usd = self.prices.cost_usd(charge.energy_j, charge.device_s)
             charge.co2_g = self.prices.co2_g(charge.energy_j)
             charge.estimated = self.sampler.estimated
             charge.sampler = self.sampler.name

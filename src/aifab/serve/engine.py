@@ -182,6 +182,7 @@ class Sequence:
     generated: int = 0
     first_token_at: float | None = None
     energy_j: float = 0.0
+    device_s: float = 0.0
     last_token_at: float = 0.0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -346,8 +347,10 @@ class Engine:
     def _book(self, shares: list[tuple[Sequence, int]]) -> None:
         """Charge the step's energy to its sequences by their tokens in it."""
         parts = self.meter.step_finished(shares)
-        for (seq, _), joules in zip(shares, parts, strict=True):
+        total, step_s = sum(n for _, n in shares), self.meter.last_step_s
+        for (seq, n), joules in zip(shares, parts, strict=True):
             seq.energy_j += joules
+            seq.device_s += step_s * n / total if total else 0.0
         self.metrics.request_energy.inc(sum(parts))
 
     def _take_new(self) -> None:
@@ -462,7 +465,7 @@ class Engine:
             self.metrics.tpot.observe((seq.last_token_at - seq.first_token_at) / (seq.generated - 1))
         self.metrics.finished(reason)
         bill = self.meter.charge(
-            seq.energy_j, len(seq.req.prompt_ids), seq.generated, time.monotonic() - seq.req.arrival
+            seq.energy_j, len(seq.req.prompt_ids), seq.generated, time.monotonic() - seq.req.arrival, seq.device_s
         )
         done = Done(reason, len(seq.req.prompt_ids), seq.generated, error, bill.energy_j, bill.cost_usd)
         self._emit(seq.req, done)

@@ -16,6 +16,7 @@ the engine thread never waits on the database per request.
 
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ class RequestCharge:
     tokens_in: int
     tokens_out: int
     elapsed_s: float
+    device_s: float = 0.0  # its token-weighted share of the wall time of the steps it was in
 
 
 class ServeMeter:
@@ -39,10 +41,11 @@ class ServeMeter:
         self,
         sampler: Sampler | None = None,
         prices: Prices | None = None,
-        sink: Callable[[list[RequestCharge], float], None] | None = None,
+        sink: Callable[[list[RequestCharge], float, float], None] | None = None,
         flush_every: int = 64,
     ) -> None:
-        """`sink(charges, idle_j)` receives finished requests and the idle energy since the last call."""
+        """`sink(charges, idle_j, idle_s)` receives finished requests, and the idle energy and time since the
+        last call."""
         self.sampler = sampler or auto_sampler()
         if prices is None:
             from aifab.spec import MeterSpec
@@ -54,8 +57,12 @@ class ServeMeter:
         self.request_j = 0.0  # charged to requests, finished or not
         self.idle_j = 0.0
         self.counter_resets = 0
+        self._step_t0 = time.perf_counter()
+        self.last_step_s = 0.0  # wall time of the last step, which the engine splits like its energy
         self._pending: list[RequestCharge] = []
         self._pending_idle_j = 0.0
+        self._pending_idle_s = 0.0
+        self._step_end = time.perf_counter()
         self._lock = threading.Lock()
 
     @property
@@ -74,6 +81,8 @@ class ServeMeter:
 
     def step_started(self) -> float:
         """Book the energy since the last step as idle; returns it."""
+        self._step_t0 = time.perf_counter()
+        self._pending_idle_s += self._step_t0 - self._step_end
         idle = self._read()
         self.idle_j += idle
         self._pending_idle_j += idle
@@ -82,6 +91,8 @@ class ServeMeter:
     def step_finished(self, shares: list[tuple[Any, int]]) -> list[float]:
         """The step's energy split over `shares` (owner, tokens in the step): each owner's joules, in order."""
         spent = self._read()
+        self._step_end = time.perf_counter()
+        self.last_step_s = self._step_end - self._step_t0
         total = sum(n for _, n in shares)
         if total == 0:  # nothing was computed for anyone: the energy was idle
             self.idle_j += spent
@@ -91,15 +102,19 @@ class ServeMeter:
         self.request_j += sum(parts)
         return parts
 
-    def charge(self, energy_j: float, tokens_in: int, tokens_out: int, elapsed_s: float) -> RequestCharge:
-        """A finished request's bill; queued for the sink."""
+    def charge(
+        self, energy_j: float, tokens_in: int, tokens_out: int, elapsed_s: float, device_s: float = 0.0
+    ) -> RequestCharge:
+        """A finished request's bill (electricity, plus the hardware's capex for its device time); queued for
+        the sink."""
         c = RequestCharge(
             energy_j,
-            self.prices.cost_usd(energy_j),
+            self.prices.cost_usd(energy_j, device_s),
             self.prices.co2_g(energy_j),
             tokens_in,
             tokens_out,
             elapsed_s,
+            device_s,
         )
         with self._lock:
             self._pending.append(c)
@@ -111,9 +126,10 @@ class ServeMeter:
     def flush(self) -> None:
         """Hand the queued charges and the idle energy so far to the sink."""
         with self._lock:
-            pending, idle, self._pending, self._pending_idle_j = self._pending, self._pending_idle_j, [], 0.0
-        if self.sink is not None and (pending or idle):
-            self.sink(pending, idle)
+            pending, idle_j, idle_s = self._pending, self._pending_idle_j, self._pending_idle_s
+            self._pending, self._pending_idle_j, self._pending_idle_s = [], 0.0, 0.0
+        if self.sink is not None and (pending or idle_j or idle_s):
+            self.sink(pending, idle_j, idle_s)
 
     def balance_error_j(self) -> float:
         """Counter difference since start minus everything booked (0 up to rounding; resets aside)."""
@@ -127,13 +143,13 @@ def new_deployment_id() -> str:
 
 def ledger_sink(
     db: Any, model_version_id: int, sampler: Sampler, prices: Prices, deployment: str | None = None
-) -> Callable[[list[RequestCharge], float], None]:
+) -> Callable[[list[RequestCharge], float, float], None]:
     """A sink that writes each finished request as a `serve` ledger row and the idle energy as a `serve-idle`
     row, both charged to the served model version (so `aifab ledger --by model` and `aifab plan --from-model`
     see them) and stamped with `deployment` (so `aifab ledger --by deployment` sees them)."""
     from aifab.store.schema import LedgerEntry
 
-    def write(charges: list[RequestCharge], idle_j: float) -> None:
+    def write(charges: list[RequestCharge], idle_j: float, idle_s: float) -> None:
         common = {
             "subject_kind": "model",
             "subject_id": str(model_version_id),
@@ -146,7 +162,7 @@ def ledger_sink(
             LedgerEntry(
                 stage="serve",
                 elapsed_s=c.elapsed_s,
-                device_s=c.elapsed_s,
+                device_s=c.device_s,
                 energy_j=c.energy_j,
                 cost_usd=c.cost_usd,
                 co2_g=c.co2_g,
@@ -156,14 +172,14 @@ def ledger_sink(
             )
             for c in charges
         ]
-        if idle_j > 0:
+        if idle_j > 0 or idle_s > 0:  # the device is held while idle: its energy and capex are booked too
             rows.append(
                 LedgerEntry(
                     stage="serve-idle",
-                    elapsed_s=0.0,
-                    device_s=0.0,
+                    elapsed_s=idle_s,
+                    device_s=idle_s,
                     energy_j=idle_j,
-                    cost_usd=prices.cost_usd(idle_j),
+                    cost_usd=prices.cost_usd(idle_j, idle_s),
                     co2_g=prices.co2_g(idle_j),
                     **common,
                 )
