@@ -275,6 +275,7 @@ class Engine:
         # small ops per step; steps with prompt chunks stay eager (their shapes vary too much to be worth it)
         self._decode_fwd = torch.compile(loaded.model, dynamic=True) if compile else loaded.model
         if compile:
+            self.cache.fast_single = False
             self._warm_up()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -66,6 +66,8 @@ class SlotCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.n_slots, self.max_len, self.device = slots, max_len, device
         self.layout: StepLayout | None = None
+        # eager only: under torch.compile the slot and position would be constants, one recompile per step
+        self.fast_single = True
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -75,7 +77,7 @@ class SlotCache:
         lay = self.layout
         assert lay is not None, "set the step's layout before the forward pass"
         K, V = self.k[layer], self.v[layer]
-        if lay.single is not None:  # one sequence decoding alone (batch 1): plain slices, no mask, no gathers
+        if lay.single is not None and self.fast_single:  # one sequence decoding alone: plain slices, no mask
             slot, p = lay.single
             K[slot, :, p] = k[0, :, 0]
             V[slot, :, p] = v[0, :, 0]
