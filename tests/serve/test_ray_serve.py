@@ -87,5 +87,11 @@ def test_two_replicas_behind_one_endpoint(trained: tuple[Store, str], tmp_path: 
 
 
 def _count(store: Store, query: Select[tuple[int]]) -> int:
-    with store.db.session() as s:
-        return int(s.scalar(query) or 0)
+    """The count through a store opened afresh: the session's shared store may hold a connection whose
+    snapshot predates the replicas' writes."""
+    fresh = Store(store.home)
+    try:
+        with fresh.db.session() as s:
+            return int(s.scalar(query) or 0)
+    finally:
+        fresh.close()
