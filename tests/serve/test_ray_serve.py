@@ -87,11 +87,13 @@ def test_two_replicas_behind_one_endpoint(trained: tuple[Store, str], tmp_path: 
 
 
 def _count(store: Store, query: Select[tuple[int]]) -> int:
-    """The count through a store opened afresh: the session's shared store may hold a connection whose
-    snapshot predates the replicas' writes."""
-    fresh = Store(store.home)
+    """The count in the SQLite file under the store's home, which is where the server writes: its environment
+    (`cli_env`) drops AIFAB_DB, whatever database this test process's stores were pointed at."""
+    from aifab.store.db import Database
+
+    db = Database(f"sqlite:///{store.home / 'aifab.db'}")
     try:
-        with fresh.db.session() as s:
+        with db.session() as s:
             return int(s.scalar(query) or 0)
     finally:
-        fresh.close()
+        db.close()
