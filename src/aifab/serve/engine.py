@@ -1,4 +1,4 @@
-"""The engine: one worker thread that owns the model and serves many requests at once by continuous batching.
+"""The engine: one loop that owns the model and serves many requests at once by continuous batching.
 
 Contract: `submit()` enqueues a request or raises `QueueFull` at once when `max_queue` requests wait. The
 worker emits `Delta` events (new text) and exactly one `Done` event per request, through the request's `emit`
@@ -14,6 +14,9 @@ Each engine step is schedule -> execute -> update:
   where a next token is due (each decode token, and the last token of a finished prompt).
 - update: sample each due token with its request's own parameters, stream its text, and finish the
   requests that hit EOS, a stop string, max_tokens or a cancel, freeing their slots for the next step.
+
+Around each execute, the meter (`serve.metering`) charges the step's energy to its requests by their tokens
+in it; a finished request's `Done` carries its energy and cost.
 """
 
 import contextlib
