@@ -10,7 +10,7 @@ from typing import Any
 from aifab.data.line import ingest
 from aifab.errors import AifabError
 from aifab.evaluate import evaluate
-from aifab.meter.ledger import Meter, Prices, totals_for
+from aifab.meter.ledger import Charge, Meter, Prices, totals_for
 from aifab.registry.models import register
 from aifab.spec import FactorySpec
 from aifab.store import Store
@@ -21,6 +21,7 @@ from aifab.train.trainer import train
 def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> dict[str, Any]:
     meter = Meter(store.db, Prices(**spec.meter.model_dump()))
     t0 = time.perf_counter()
+    line_start_j = meter.sampler.energy_j()
 
     with meter.measure("data", "dataset") as charge:
         ds = ingest(store, spec.name, spec.data, spec.tokenizer)
@@ -69,6 +70,22 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
             charge.tokens_out = sum(r["completion_tokens"] for r in serving["requests"])
 
     subjects = [("dataset", str(ds.dataset_version_id)), ("run", tr.run_id), ("model", str(mv.id))]
+    # what no stage measured (registration, the hand-offs between stages) is booked too, so the line's rows
+    # add up to the counter's difference over the whole line
+    idle_j = meter.sampler.energy_j() - line_start_j - totals_for(store.db, subjects)["energy_j"]
+    if idle_j > 0:
+        meter.record(
+            Charge(
+                stage="line-idle",
+                subject_kind="model",
+                subject_id=str(mv.id),
+                energy_j=idle_j,
+                cost_usd=meter.prices.cost_usd(idle_j),
+                co2_g=meter.prices.co2_g(idle_j),
+                estimated=meter.sampler.estimated,
+                sampler=meter.sampler.name,
+            )
+        )
     spent = totals_for(store.db, subjects)
     return {
         "data": {
