@@ -101,3 +101,28 @@ def test_the_real_nvml_counter_rises_under_load() -> None:
         x = x / x.norm()
     torch.cuda.synchronize()
     assert s.energy_j() > e0
+
+
+def test_a_stage_window_with_a_counter_reset_is_marked(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from sqlalchemy import select
+
+    from aifab.meter.ledger import Meter, Prices
+    from aifab.store import Store
+    from aifab.store.schema import LedgerEntry
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = FakeNvml([10_000_000])
+    store = Store(tmp_path / "home")
+    try:
+        meter = Meter(store.db, Prices(0.1, 400.0, 1.0), NvmlSampler(fake))
+        with meter.measure("train", "run", "r1"):
+            fake.counters_mj[0] += 5_000
+        with meter.measure("train", "run", "r2"):
+            fake.counters_mj[0] = 2_000  # the driver reloaded mid-window
+        with store.db.session() as s:
+            rows = {r.subject_id: r for r in s.scalars(select(LedgerEntry))}
+        assert (rows["r1"].energy_j, rows["r1"].estimated, rows["r1"].sampler) == (5.0, False, "nvml")
+        assert rows["r2"].energy_j >= 0 and rows["r2"].estimated is True
+        assert rows["r2"].sampler == "nvml (counter reset)"
+    finally:
+        store.close()

@@ -67,6 +67,7 @@ class Meter:
     def measure(self, stage: str, subject_kind: str, subject_id: str = "") -> Iterator[Charge]:
         charge = Charge(stage=stage, subject_kind=subject_kind, subject_id=subject_id)
         e0, b0, t0 = self.sampler.energy_j(), self.sampler.busy_s(), monotonic_s()
+        resets0 = getattr(self.sampler, "resets", 0)
         try:
             yield charge
         finally:
@@ -77,6 +78,10 @@ class Meter:
             charge.co2_g = self.prices.co2_g(charge.energy_j)
             charge.estimated = self.sampler.estimated
             charge.sampler = self.sampler.name
+            if getattr(self.sampler, "resets", 0) > resets0:
+                # the counter restarted inside the window: the energy is a lower bound, not a measurement
+                charge.estimated = True
+                charge.sampler = f"{self.sampler.name} (counter reset)"
             self.record(charge)
 
     def record(self, c: Charge) -> None:
