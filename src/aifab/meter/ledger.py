@@ -86,23 +86,27 @@ class Meter:
 
     def record(self, c: Charge) -> None:
         with self.db.session() as s:
-            s.add(
-                LedgerEntry(
-                    stage=c.stage,
-                    subject_kind=c.subject_kind,
-                    subject_id=c.subject_id or "-",
-                    device=self.sampler.device[:64],
-                    sampler=c.sampler,
-                    estimated=c.estimated,
-                    elapsed_s=c.elapsed_s,
-                    device_s=c.device_s,
-                    energy_j=c.energy_j,
-                    cost_usd=c.cost_usd,
-                    co2_g=c.co2_g,
-                    tokens_in=c.tokens_in,
-                    tokens_out=c.tokens_out,
-                )
-            )
+            s.add(entry(c, self.sampler.device))
+
+
+def entry(c: Charge, device: str, deployment: str | None = None) -> LedgerEntry:
+    """The ledger row for a charge: the one place a `Charge` becomes a `LedgerEntry`."""
+    return LedgerEntry(
+        stage=c.stage,
+        subject_kind=c.subject_kind,
+        subject_id=c.subject_id or "-",
+        device=device[:64],
+        sampler=c.sampler,
+        estimated=c.estimated,
+        elapsed_s=c.elapsed_s,
+        device_s=c.device_s,
+        energy_j=c.energy_j,
+        cost_usd=c.cost_usd,
+        co2_g=c.co2_g,
+        tokens_in=c.tokens_in,
+        tokens_out=c.tokens_out,
+        deployment=deployment,
+    )
 
 
 def totals_for(db: Database, subjects: list[tuple[str, str]]) -> dict[str, float]:

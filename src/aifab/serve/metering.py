@@ -147,20 +147,22 @@ def ledger_sink(
     """A sink that writes each finished request as a `serve` ledger row and the idle energy as a `serve-idle`
     row, both charged to the served model version (so `aifab ledger --by model` and `aifab plan --from-model`
     see them) and stamped with `deployment` (so `aifab ledger --by deployment` sees them)."""
-    from aifab.store.schema import LedgerEntry
+    from aifab.meter.ledger import Charge, entry
 
     def write(charges: list[RequestCharge], idle_j: float, idle_s: float) -> None:
-        common = {
-            "subject_kind": "model",
-            "subject_id": str(model_version_id),
-            "device": sampler.device[:64],
-            "sampler": sampler.name,
-            "estimated": sampler.estimated,
-            "deployment": deployment,
-        }
+        def charge(stage: str, **figures: Any) -> Charge:
+            return Charge(
+                stage,
+                "model",
+                str(model_version_id),
+                estimated=sampler.estimated,
+                sampler=sampler.name,
+                **figures,
+            )
+
         rows = [
-            LedgerEntry(
-                stage="serve",
+            charge(
+                "serve",
                 elapsed_s=c.elapsed_s,
                 device_s=c.device_s,
                 energy_j=c.energy_j,
@@ -168,24 +170,16 @@ def ledger_sink(
                 co2_g=c.co2_g,
                 tokens_in=c.tokens_in,
                 tokens_out=c.tokens_out,
-                **common,
             )
             for c in charges
         ]
         if idle_j > 0 or idle_s > 0:  # the device is held while idle: its energy and capex are booked too
+            cost, co2 = prices.cost_usd(idle_j, idle_s), prices.co2_g(idle_j)
             rows.append(
-                LedgerEntry(
-                    stage="serve-idle",
-                    elapsed_s=idle_s,
-                    device_s=idle_s,
-                    energy_j=idle_j,
-                    cost_usd=prices.cost_usd(idle_j, idle_s),
-                    co2_g=prices.co2_g(idle_j),
-                    **common,
-                )
+                charge("serve-idle", elapsed_s=idle_s, device_s=idle_s, energy_j=idle_j, cost_usd=cost, co2_g=co2)
             )
         with db.session() as s:
-            s.add_all(rows)
+            s.add_all(entry(c, sampler.device, deployment) for c in rows)
 
     return write
 
