@@ -16,7 +16,10 @@ from aifab.store.db import SQLITE_BUSY_TIMEOUT_MS, Database, _redact, table_name
 from aifab.store.schema import Base, DatasetVersion, Run, RunMetric
 from helpers import dataset_row
 
-TABLES = {"dataset_versions", "runs", "run_metrics", "model_versions", "model_aliases", "lineage_edges", "ledger"}
+TABLES = {
+    "dataset_versions", "runs", "run_metrics", "model_versions", "model_aliases", "lineage_edges", "ledger",
+    "jobs", "job_events", "stage_runs",
+}  # fmt: skip
 
 
 def _pragma(db: Database, name: str) -> object:

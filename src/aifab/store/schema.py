@@ -179,3 +179,74 @@ class LedgerEntry(Base):
     # added in 0004: the `aifab serve` process (or Ray Serve app) whose rows these are, e.g. dep-1a2b3c4d;
     # None for the other stages and for rows written before 0004
     deployment: Mapped[str | None] = mapped_column(String(32))
+
+
+class Job(Base):
+    """One unit of work the control plane schedules: a command with a resource request, a priority and a
+    project. Its row is written when it is submitted, before anything runs, and each state change is one
+    committed update, so killing the control plane or an executor loses no job (see orchestrate.jobs).
+
+    status: pending -> running -> succeeded | failed | cancelled; a preempted or retried job goes back to
+    pending with `attempts` counting its starts. `not_before` holds a retry's backoff."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    priority: Mapped[int] = mapped_column(default=0)
+    kind: Mapped[str] = mapped_column(String(16))  # data | train | evaluate | serve | command
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    command: Mapped[list[str]] = mapped_column(JSON)  # argv
+    env: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    gpus: Mapped[int] = mapped_column(default=0)
+    cpus: Mapped[float] = mapped_column(Float, default=1.0)
+    memory_gb: Mapped[float] = mapped_column(Float, default=1.0)
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_retries: Mapped[int] = mapped_column(default=0)
+    backoff_s: Mapped[float] = mapped_column(Float, default=1.0)
+    attempts: Mapped[int] = mapped_column(default=0)  # starts so far
+    preemptions: Mapped[int] = mapped_column(default=0)
+    attained_gpu_s: Mapped[float] = mapped_column(Float, default=0.0)  # GPU-seconds run so far, all attempts
+    executor: Mapped[str | None] = mapped_column(String(16))  # local | ray, while placed
+    node: Mapped[str | None] = mapped_column(String(64))
+    placement: Mapped[dict[str, Any] | None] = mapped_column()  # {"node": ..., "gpu_ids": [...]}
+    handle: Mapped[str | None] = mapped_column(String(128))  # the executor's id for the attempt (pid, task)
+    log_path: Mapped[str | None] = mapped_column(Text)
+    exit_code: Mapped[int | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column()  # what the command reported (stage outputs)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    submitted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    not_before: Mapped[datetime | None] = mapped_column()
+
+
+class JobEvent(Base):
+    """The audit trail of a job: submitted, started, preempted, requeued, retried, finished, reattached..."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    event: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class StageRun(Base):
+    """A pipeline stage executed for one hash of its inputs and parameters. A `done` row lets the next
+    `aifab run` skip the stage and reuse `outputs`."""
+
+    __tablename__ = "stage_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(128), index=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    input_hash: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # running | done | failed
+    outputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
