@@ -6,6 +6,8 @@ shares the steps: batch sizes, chunk budgets that split prompts, requests that a
 reused after others finish. Token ids are compared (through logprobs), not just text.
 """
 
+import copy
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -86,6 +88,7 @@ def run_all(engine: Engine, reqs: list[tuple[list[int], SamplingParams]], gap_s:
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-shape decode"])
 @pytest.mark.parametrize(
     ("max_batch", "chunk_tokens", "n", "gap_s"),
     [
@@ -96,11 +99,12 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=
     ],
 )
 def test_greedy_tokens_equal_the_single_request_run(
-    lm: LoadedModel, max_batch: int, chunk_tokens: int, n: int, gap_s: float
+    lm: LoadedModel, max_batch: int, chunk_tokens: int, n: int, gap_s: float, graphs: bool
 ) -> None:
+    """With `graphs`, decode-only steps run in the static shapes of CUDA graphs (serve.graphs), eagerly here."""
     ps = prompts(lm, n)
     want = [reference(lm, p, GREEDY.max_tokens) for p in ps]
-    engine = Engine(lm, max_queue=64, max_batch=max_batch, chunk_tokens=chunk_tokens)
+    engine = Engine(lm, max_queue=64, max_batch=max_batch, chunk_tokens=chunk_tokens, graphs=graphs)
     try:
         got = run_all(engine, [(p, GREEDY) for p in ps], gap_s)
     finally:
@@ -278,12 +282,68 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(lm: LoadedMode
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
-def test_compiled_decode_gives_the_same_greedy_tokens(lm: LoadedModel) -> None:
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-shape decode"])
+def test_compiled_decode_gives_the_same_greedy_tokens(lm: LoadedModel, graphs: bool) -> None:
     """`aifab serve --compile`: decode steps run through torch.compile (compiled at start, for one row and for
-    several); the tokens are the eager engine's."""
+    several; with `graphs`, in the static shapes that CUDA graphs capture); the tokens are the eager engine's."""
     ps = prompts(lm, 6)
     want = [reference(lm, p, GREEDY.max_tokens) for p in ps]
-    engine = Engine(lm, max_batch=4, chunk_tokens=16, compile=True)
+    engine = Engine(lm, max_batch=4, chunk_tokens=16, compile=True, graphs=graphs)
+    try:
+        got = run_all(engine, [(p, GREEDY) for p in ps], gap_s=0.002)
+    finally:
+        engine.close()
+    assert [s.ids for s in got] == want
+
+
+# --- on a GPU: the same decode steps replayed from captured CUDA graphs ------------------------------------
+
+
+def on_cuda(lm: LoadedModel) -> LoadedModel:
+    """The random model on the GPU in fp32 (no TF32), so greedy tokens can be compared exactly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return dataclasses.replace(lm, model=copy.deepcopy(lm.model).to("cuda"))
+
+
+@pytest.mark.gpu
+def test_replayed_graphs_give_the_eager_logits(lm: LoadedModel) -> None:
+    """Every (rows, keys) bucket's graph, replayed on fresh inputs, gives the logits of the eager forward over the
+    same rows; a step whose slots skip rows (dummy rows in between) too."""
+    from aifab.serve.graphs import DecodeGraphs
+    from aifab.serve.kv import SlotCache
+
+    gl = on_cuda(lm)
+    model, dev = gl.model, gl.device
+    cache = SlotCache(model.config, 8, CONTEXT, dev, torch.float32)
+    graphs = DecodeGraphs(model, cache, capture=True)
+    assert graphs.capture and len(graphs.graphs) == len(graphs.row_sizes) * len(graphs.key_sizes)
+    eager = DecodeGraphs(model, cache, capture=False)  # same cache, same static-shape code, not captured
+    gen = torch.Generator().manual_seed(1)
+    V = model.config.vocab_size
+    for rows in ([(0, 5, 0)], [(0, 7, 3), (1, 9, 70)], [(2, 11, 100), (5, 3, 1), (7, 1, 127)]):
+        for slot, _, p in rows:  # fill the keys the rows will read with random values, as a prefill would
+            for layer in range(model.config.n_layer):
+                cache.k[layer][slot, :, :p] = torch.randn(cache.k[layer][slot, :, :p].shape, generator=gen).to(dev)
+                cache.v[layer][slot, :, :p] = torch.randn(cache.v[layer][slot, :, :p].shape, generator=gen).to(dev)
+        rows = [(s, t % V, p) for s, t, p in rows]
+        with torch.inference_mode():
+            want = eager.step(rows).clone()
+            got = graphs.step(rows).clone()
+        slots = [s for s, _, _ in rows]
+        torch.testing.assert_close(got[slots], want[slots], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+@pytest.mark.parametrize("compile_", [False, True], ids=["graphs", "compiled graphs"])
+def test_engine_on_cuda_graphs_gives_the_single_request_tokens(lm: LoadedModel, compile_: bool) -> None:
+    gl = on_cuda(lm)
+    ps = prompts(gl, 10)
+    want = [reference(gl, p, GREEDY.max_tokens) for p in ps]
+    engine = Engine(gl, max_batch=8, chunk_tokens=16, compile=compile_)
+    assert engine.graphs is not None and engine.graphs.capture
     try:
         got = run_all(engine, [(p, GREEDY) for p in ps], gap_s=0.002)
     finally:

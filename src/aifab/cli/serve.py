@@ -25,6 +25,9 @@ def serve(
     compile_: bool = typer.Option(
         False, "--compile", help="torch.compile the decode step (a minute of compiling at start; faster steps)."
     ),
+    cuda_graphs: bool = typer.Option(
+        True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay decode steps from graphs captured at start."
+    ),
 ) -> None:
     """Serve a registered model over HTTP until interrupted."""
     from aifab.serve.api import create_app
@@ -62,7 +65,10 @@ def serve(
     # the engine runs on this thread, the one that loaded the model (see Engine: CPU decode is several times
     # faster there); uvicorn runs on a thread of its own
     meter = ledger_meter(store.db, loaded.version_id, deployment=deployment)  # each request's energy goes to the ledger
-    engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch, start=False, compile=compile_, meter=meter)
+    engine = Engine(
+        loaded, max_queue=max_queue, max_batch=max_batch, start=False, compile=compile_, meter=meter,
+        graphs=None if cuda_graphs else False,
+    )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: engine.close())
     with BackgroundServer(create_app(engine, api_key=key), sock=sock) as srv:
         auth = " with an API key" if key else ""

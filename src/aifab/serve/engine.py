@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aifab.errors import ServeError
 from aifab.serve.metering import ServeMeter
@@ -33,6 +33,9 @@ from aifab.serve.metrics import ServeMetrics
 from aifab.serve.sampling import SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from aifab.store import Store
 from aifab.tokens import end_of_text_id
+
+if TYPE_CHECKING:
+    pass
 
 FLUSH_S = 1.0  # how often finished requests' charges go to the meter's sink (the ledger)
 
@@ -253,8 +256,12 @@ class Engine:
         start: bool = True,
         compile: bool = False,
         meter: ServeMeter | None = None,
+        graphs: bool | None = None,
     ) -> None:
         """With `start`, the engine runs on a thread of its own; else the caller runs `run()` on its thread.
+
+        `graphs` (default: on CUDA) runs decode-only steps in static shapes through `serve.graphs`, replayed
+        from CUDA graphs captured at start; `graphs=True` on CPU runs the same static-shape steps eagerly.
 
         On CPU, run the engine on the thread that loaded the model when speed matters (`aifab serve` does):
         PyTorch's OpenMP pools are per thread, and once a second thread has one, GNU OpenMP stops spinning
@@ -262,6 +269,7 @@ class Engine:
         """
         import torch
 
+        from aifab.serve.graphs import DecodeGraphs
         from aifab.serve.kv import SlotCache
 
         if max_batch < 1 or chunk_tokens < 1:
@@ -274,10 +282,15 @@ class Engine:
         self.meter = meter or ServeMeter()
         dtype = next(loaded.model.parameters()).dtype
         self.cache = SlotCache(loaded.model.config, max_batch, loaded.context_len, loaded.device, dtype)
-        # decode-only steps (the steady state) through torch.compile: fused kernels instead of a few hundred
-        # small ops per step; steps with prompt chunks stay eager (their shapes vary too much to be worth it)
-        self._decode_fwd = torch.compile(loaded.model, dynamic=True) if compile else loaded.model
-        if compile:
+        if graphs is None:
+            graphs = loaded.device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        if graphs:  # decode-only steps (the steady state) in static shapes, from CUDA graphs where there is CUDA
+            self.graphs = DecodeGraphs(loaded.model, self.cache, capture=True, compile=compile)
+        # else decode-only steps through torch.compile: fused kernels instead of a few hundred small ops per
+        # step; steps with prompt chunks stay eager (their shapes vary too much to be worth it)
+        self._decode_fwd = torch.compile(loaded.model, dynamic=True) if compile and not graphs else loaded.model
+        if compile and not graphs:
             self.cache.fast_single = False
             self._warm_up()
         self._stop = threading.Event()
@@ -412,14 +425,18 @@ class Engine:
                 due.append(seq)
                 at.append(len(tokens) - 1)
         dev = self.loaded.device
-        layout = StepLayout(decode, chunks, self.max_batch, dev)
-        self.cache.layout = layout
         with torch.inference_mode():
-            idx = torch.tensor([tokens], device=dev)
-            logits_at = torch.tensor(at, device=dev) if due else None
-            fwd = self._decode_fwd if not step.chunks else self.loaded.model
-            logits, _ = fwd(idx, cache=self.cache, positions=layout.positions, logits_at=logits_at)
-        self.cache.layout = None
+            if self.graphs is not None and not step.chunks:
+                by_slot = self.graphs.step([(s.slot, s.ids[s.cached], s.cached) for s in step.decode])
+                logits = by_slot[torch.tensor([s.slot for s in step.decode], device=dev)][None]  # a copy
+            else:
+                layout = StepLayout(decode, chunks, self.max_batch, dev)
+                self.cache.layout = layout
+                idx = torch.tensor([tokens], device=dev)
+                logits_at = torch.tensor(at, device=dev) if due else None
+                fwd = self._decode_fwd if not step.chunks else self.loaded.model
+                logits, _ = fwd(idx, cache=self.cache, positions=layout.positions, logits_at=logits_at)
+                self.cache.layout = None
         for s in step.decode:
             s.cached += 1
         for seq, _, n in step.chunks:

@@ -12,6 +12,12 @@ and a chunk of each prefilling sequence's prompt. `StepLayout` says which slot a
   (a view, no copy), each row masked to its own length (rows without a decode token attend to position 0 and
   are discarded);
 - prefill chunks: one causal attention per chunk over its slot's earlier positions plus the chunk.
+
+`RowsLayout` is the decode-only step in static shapes, for CUDA graphs (`serve.graphs`): packed token i is
+slot i's next token for every slot 0..R-1 (rows whose slot is not decoding carry a dummy token, written at
+position 0 of that free slot, which its next owner overwrites before reading), and keys are read up to a
+bucketed length L. Everything it reads comes from tensors, so one captured graph serves every step of its
+(R, L) bucket.
 """
 
 from dataclasses import dataclass
@@ -57,6 +63,18 @@ class StepLayout:
             self.decode_mask = mask[:, None, None, :].to(device)  # (rows, 1, 1, L)
 
 
+class RowsLayout:
+    """A decode-only step over slots 0..R-1, reading keys 0..L-1: R = positions.size(0), L = mask.size(-1).
+
+    positions (R,): where each row's token goes; lengths (R,): keys each row may read (its position + 1; 1 for
+    a dummy row). The mask is computed here from `lengths` so that, under capture, it is part of the graph."""
+
+    def __init__(self, positions: Tensor, lengths: Tensor, rows: Tensor, keys: int) -> None:
+        self.positions, self.rows = positions, rows
+        key_ids = torch.arange(keys, device=positions.device)
+        self.mask = (key_ids[None, :] < lengths[:, None])[:, None, None, :]  # (R, 1, 1, L)
+
+
 class SlotCache:
     """Keys and values for `slots` sequences of up to `max_len` positions, and the current step's layout."""
 
@@ -65,7 +83,7 @@ class SlotCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.n_slots, self.max_len, self.device = slots, max_len, device
-        self.layout: StepLayout | None = None
+        self.layout: StepLayout | RowsLayout | None = None
         # eager only: under torch.compile the slot and position would be constants, one recompile per step
         self.fast_single = True
 
@@ -77,6 +95,8 @@ class SlotCache:
         lay = self.layout
         assert lay is not None, "set the step's layout before the forward pass"
         K, V = self.k[layer], self.v[layer]
+        if isinstance(lay, RowsLayout):
+            return self._attend_rows(lay, K, V, q, k, v)
         if lay.single is not None and self.fast_single:  # one sequence decoding alone: plain slices, no mask
             slot, p = lay.single
             K[slot, :, p] = k[0, :, 0]
@@ -108,3 +128,16 @@ class SlotCache:
                 enable_gqa=gqa,
             )
         return y
+
+    @staticmethod
+    def _attend_rows(lay: RowsLayout, K: Tensor, V: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Row r = slot r: write its k, v, then attend over K[:R, :, :L] under the length mask. The query
+        heads that share a key/value head go in as that head's queries (R, nkv, nh/nkv, hs), so grouped-query
+        attention needs no expanded copy of the keys (query head h reads kv head h // (nh/nkv))."""
+        R, L = lay.positions.size(0), lay.mask.size(-1)
+        K[lay.rows, :, lay.positions] = k[0].transpose(0, 1)  # (R, nkv, hs)
+        V[lay.rows, :, lay.positions] = v[0].transpose(0, 1)
+        nh, hs, nkv = q.size(1), q.size(3), K.size(1)
+        qr = q[0].transpose(0, 1).reshape(R, nkv, nh // nkv, hs)
+        y = F.scaled_dot_product_attention(qr, K[:R, :, :L], V[:R, :, :L], attn_mask=lay.mask)
+        return y.reshape(R, nh, hs).transpose(0, 1).unsqueeze(0)  # (1, nh, R, hs)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go: the GPU-marked tests, then the serving and training benchmarks.
+# Usage: bash benchmarks/device_checks.sh [tests] [serve] [train]   (default: all three, in that order)
+# Logs go to $OUT (or ./device-out). On a machine without aifab's dependencies, wheels in .whl/ are installed
+# into /tmp/site first. Each part has its own time limit so one slow part cannot eat the others.
+set -u
+OUT=${OUT:-device-out}; mkdir -p "$OUT"
+if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 AIFAB_NO_PROGRESS=1
+nvidia-smi --query-gpu=name,memory.total,power.draw,clocks.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+parts=${*:-tests serve train}
+for part in $parts; do
+  start=$(date +%s)
+  case $part in
+    tests)
+      timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+        tests/serve/test_batching.py tests/meter/test_gpu_accuracy.py tests/meter/test_samplers.py \
+        2>&1 | tee "$OUT/tests.log"
+      ;;
+    serve)
+      # compiled graphs when the compiled-graph test passed (or was not run), else graphs alone
+      flags="--serve-arg=--compile"
+      grep -q "FAILED.*compiled graphs" "$OUT/tests.log" 2>/dev/null && flags=""
+      timeout ${SERVE_TIMEOUT_S:-330} python3 benchmarks/serve.py --gpu --levels 1,16 --hf-levels 16 --rounds 1 \
+        --max-tokens 64 $flags 2>&1 | tee "$OUT/serve.log"
+      ;;
+    train)
+      timeout ${TRAIN_TIMEOUT_S:-300} python3 benchmarks/train.py --gpu 2>&1 | tee "$OUT/train.log"
+      ;;
+    *) echo "unknown part $part (tests, serve, train)"; exit 2 ;;
+  esac
+  echo "== $part took $(( $(date +%s) - start )) s"
+done
