@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go: the GPU-marked tests, then the serving and training benchmarks.
-# Usage: bash benchmarks/device_checks.sh [tests] [serve] [train]   (default: all three, in that order)
+# Usage: bash benchmarks/device_checks.sh [tests] [decode] [serve] [train]   (default: tests serve train)
 # Logs go to $OUT (or ./device-out). On a machine without aifab's dependencies, wheels in .whl/ are installed
 # into /tmp/site first. Each part has its own time limit so one slow part cannot eat the others.
 set -u
@@ -19,7 +19,7 @@ for part in $parts; do
   start=$(date +%s)
   case $part in
     tests)
-      timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+      timeout ${TESTS_TIMEOUT_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
         tests/serve/test_batching.py tests/meter/test_gpu_accuracy.py tests/meter/test_samplers.py \
         2>&1 | tee "$OUT/tests.log"
       ;;
@@ -30,10 +30,13 @@ for part in $parts; do
       timeout ${SERVE_TIMEOUT_S:-330} python3 benchmarks/serve.py --gpu --levels 1,16 --hf-levels 16 --rounds 1 \
         --max-tokens 64 $flags 2>&1 | tee "$OUT/serve.log"
       ;;
+    decode)
+      timeout ${DECODE_TIMEOUT_S:-200} python3 benchmarks/decode_step.py 2>&1 | tee "$OUT/decode.log"
+      ;;
     train)
       timeout ${TRAIN_TIMEOUT_S:-300} python3 benchmarks/train.py --gpu 2>&1 | tee "$OUT/train.log"
       ;;
-    *) echo "unknown part $part (tests, serve, train)"; exit 2 ;;
+    *) echo "unknown part $part (tests, decode, serve, train)"; exit 2 ;;
   esac
   echo "== $part took $(( $(date +%s) - start )) s"
 done

@@ -336,7 +336,7 @@ def test_replayed_graphs_give_the_eager_logits(lm: LoadedModel) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")  # inductor's advice; fp32 on purpose
 @pytest.mark.parametrize("compile_", [False, True], ids=["graphs", "compiled graphs"])
 def test_engine_on_cuda_graphs_gives_the_single_request_tokens(lm: LoadedModel, compile_: bool) -> None:
     gl = on_cuda(lm)
