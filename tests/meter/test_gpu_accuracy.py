@@ -68,7 +68,7 @@ def test_serving_requests_and_idle_add_up_to_the_counter(
 
     e0 = nvml.energy_j()
     meter = ServeMeter(sampler, prices, ledger_sink(home.db, 1, sampler, prices))
-    engine = Engine(lm, max_batch=16, meter=meter)
+    engine = Engine(lm, max_batch=16, max_queue=n_requests, meter=meter)
     try:
         params = SamplingParams(max_tokens=lm.context_len // 2, temperature=0, ignore_eos=True)
         for i in range(n_requests):
