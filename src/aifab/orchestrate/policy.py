@@ -1,0 +1,677 @@
+"""Scheduling policy: which pending jobs start where, and which running jobs give way to them.
+
+Pure code: a `ClusterState` goes in, a list of `Start` and `Preempt` decisions comes out. No I/O, no clocks, no
+randomness, no store. The control plane and the simulator (`simulate.py`) call the same `Policy` objects.
+
+What a decision promises (the control plane relies on it):
+- A `Start` uses only resources free in the given state. Resources of jobs preempted in the same call count as
+  free only in a later call, once the caller has removed those jobs from `running`.
+- Two `Start`s of one call never overcommit a node; the GPU ids of a `Share` are distinct and free on its node.
+- A `Start` never takes a project past its quota.
+- A `Preempt` names a preemptible running job, and is issued only when the preemptions of that call let one
+  specific waiting job of a higher class fit (its id is in the reason). One waiting job asks per call, and none
+  while an earlier `Preempt` is still being carried out (`Running.stopping`).
+- A job that asks for at most the GPUs of the largest node runs on one node; a larger job (a gang) gets whole
+  free nodes, all at once or not at all.
+
+Policies (`make_policy`):
+- `fifo`: arrival order; the first job that does not fit blocks everything behind it. Spreads jobs over nodes.
+- `priority-fair`: higher priority first; within a priority, the project furthest below its fair share first
+  (weighted dominant share: max of held GPU and CPU fractions of the pool, divided by the project's weight);
+  quotas; backfill of later jobs that fit; preemption of lower-priority preemptible jobs. Spreads jobs.
+- `default`: `priority-fair` plus least-attained-service (Tiresias-style, no duration estimates needed): within a
+  priority, jobs sit in discrete queues by the GPU-seconds they have already run (`LAS_LIMITS_GPU_S`); a lower
+  queue goes first and may preempt jobs of a higher queue that have run at least `LAS_MIN_RUN_S` this attempt.
+  Heavy-tailed run times make this shorten the average completion time: a job that has run long is likely to
+  run long still. It packs jobs onto the fullest node that fits, keeping whole nodes free for gangs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+JobId = int | str
+
+# Least-attained-service queues of `default`: a job whose attained GPU-seconds are below LAS_LIMITS_GPU_S[i] sits in
+# queue i (0 first); above the last limit it sits in the last queue. One GPU-hour, then sixteen.
+LAS_LIMITS_GPU_S = (3_600.0, 57_600.0)
+# A job preempted for LAS reasons must have run this long in its current attempt: a restart costs work (the steps
+# since the last checkpoint, the reload), so a job must be able to pay for it before it can be asked to again.
+LAS_MIN_RUN_S = 600.0
+# Pending jobs one call considers at most. Bounds the work per call on long queues; jobs further back wait for
+# the next call, when the ones ahead of them have started.
+MAX_SCAN = 256
+# Jobs in a row that do not fit after which a call stops looking further back for backfill: on a long queue of
+# jobs too large for the free fragments, looking further rarely finds one, and costs time on every call.
+MAX_MISSES = 32
+# Waiting jobs one call lets ask for preemption at most, in order, stopping at the first that can be helped.
+PREEMPT_TRIES = 2
+# Running jobs one call considers as preemption victims at most, per waiting job.
+MAX_VICTIM_SCAN = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What a job asks for, or what a project may hold (a quota: a field left at 0 is not limited)."""
+
+    gpus: int = 0
+    cpus: float = 0.0
+    memory_gb: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    gpu_ids: tuple[int, ...]  # every GPU index on the node (CUDA_VISIBLE_DEVICES values)
+    cpus: float
+    memory_gb: float
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """What one job holds on one node."""
+
+    node: str
+    gpu_ids: tuple[int, ...]
+    cpus: float
+    memory_gb: float
+
+
+Placement = tuple[Share, ...]  # one Share per node; a gang gets all its shares at once or nothing
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A job as the policy sees it."""
+
+    id: JobId
+    project: str
+    priority: int  # higher runs first
+    kind: str  # "train" | "serve" | "evaluate" | "data" | "command"
+    request: Resources
+    preemptible: bool  # training is (it checkpoints and resumes); serving replicas are not
+    submitted_s: float  # arrival order for fifo, and the tie-break everywhere else
+    # GPU-seconds of its finished attempts. For a running job the policy adds the current attempt itself, from
+    # Running.started_s to ClusterState.now_s: do not include it here.
+    attained_gpu_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    job: JobView
+    placement: Placement
+    started_s: float
+    stopping: bool = False  # a Preempt was sent and is being carried out; its resources are not free yet
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    job_id: JobId
+    placement: Placement
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    job_id: JobId
+    reason: str  # e.g. "for job 17 (priority 10)"
+
+
+Decision = Start | Preempt
+
+
+@dataclass(slots=True)
+class NodeFree:
+    """The free part of one node."""
+
+    gpu_ids: list[int]  # sorted
+    cpus: float
+    memory_gb: float
+
+
+def las_queue(attained_gpu_s: float) -> int:
+    """The least-attained-service queue of a job that has run `attained_gpu_s` GPU-seconds (0 goes first)."""
+    return bisect_left(LAS_LIMITS_GPU_S, attained_gpu_s + 1e-9)
+
+
+def attained_now(run: Running, now_s: float) -> float:
+    """GPU-seconds a running job has received over all its attempts, the current one up to `now_s`."""
+    return run.job.attained_gpu_s + run.job.request.gpus * max(0.0, now_s - run.started_s)
+
+
+_Entry = tuple[tuple[float, int, str], JobView]  # (submission order key, job): sorts by arrival, ids break ties
+
+
+def _order_key(job: JobView) -> tuple[float, int, str]:
+    if isinstance(job.id, int):
+        return (job.submitted_s, job.id, "")
+    return (job.submitted_s, 0, job.id)
+
+
+@dataclass
+class ClusterState:
+    """The cluster as one call of `Policy.decide` sees it.
+
+    `nodes`, `pending`, `running`, `quotas` (project -> most it may hold at once; absent = no limit), `weights`
+    (fair-share weight per project, default 1) and `now_s` are the facts. Everything else is derived from them by
+    `build` and kept up to date by `add_pending`, `remove_pending`, `add_running` and `remove_running` (the
+    simulator uses these instead of rebuilding the state per event). Policies only read a state.
+    """
+
+    nodes: dict[str, Node]
+    pending: dict[JobId, JobView] = field(default_factory=dict)
+    running: dict[JobId, Running] = field(default_factory=dict)
+    quotas: dict[str, Resources] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    now_s: float = 0.0
+
+    # Derived indexes.
+    free: dict[str, NodeFree] = field(init=False)
+    by_free_gpus: list[dict[str, None]] = field(init=False)  # free GPU count -> nodes with exactly that many free
+    node_sizes: tuple[int, ...] = field(init=False)  # distinct GPU counts of nodes, largest first
+    max_node_gpus: int = field(init=False)
+    total: Resources = field(init=False)
+    free_gpus: int = field(init=False)
+    usage: dict[str, Resources] = field(init=False)  # project -> what its running jobs hold
+    pending_fifo: list[_Entry] = field(init=False)  # every pending job, in submission order
+    # priority -> LAS queue -> project -> pending jobs in submission order
+    pending_classes: dict[int, dict[int, dict[str, list[_Entry]]]] = field(init=False)
+    pending_without_gpus: int = field(init=False)
+    victims: dict[int, dict[JobId, Running]] = field(init=False)  # priority -> preemptible running, in start order
+    stopping: int = field(init=False)  # running jobs with a Preempt being carried out
+
+    def __post_init__(self) -> None:
+        self.free = {n.name: NodeFree(sorted(n.gpu_ids), n.cpus, n.memory_gb) for n in self.nodes.values()}
+        self.max_node_gpus = max((len(n.gpu_ids) for n in self.nodes.values()), default=0)
+        self.node_sizes = tuple(sorted({len(n.gpu_ids) for n in self.nodes.values()}, reverse=True))
+        self.by_free_gpus = [{} for _ in range(self.max_node_gpus + 1)]
+        for n in self.nodes.values():
+            self.by_free_gpus[len(n.gpu_ids)][n.name] = None
+        self.total = Resources(
+            sum(len(n.gpu_ids) for n in self.nodes.values()),
+            sum(n.cpus for n in self.nodes.values()),
+            sum(n.memory_gb for n in self.nodes.values()),
+        )
+        self.free_gpus = self.total.gpus
+        self.usage = {}
+        self.pending_fifo = []
+        self.pending_classes = {}
+        self.pending_without_gpus = 0
+        self.victims = {}
+        self.stopping = 0
+        pending, running = list(self.pending.values()), sorted(self.running.values(), key=lambda r: r.started_s)
+        self.pending, self.running = {}, {}
+        for job in pending:
+            self.add_pending(job)
+        for run in running:
+            self.add_running(run)
+
+    @classmethod
+    def build(
+        cls,
+        nodes: Iterable[Node],
+        pending: Iterable[JobView],
+        running: Iterable[Running],
+        quotas: dict[str, Resources] | None = None,
+        weights: dict[str, float] | None = None,
+        now_s: float = 0.0,
+    ) -> ClusterState:
+        """A state from plain lists. Raises ValueError when running jobs overcommit a node or repeat a GPU id."""
+        return cls(
+            {n.name: n for n in nodes},
+            {j.id: j for j in pending},
+            {r.job.id: r for r in running},
+            dict(quotas or {}),
+            dict(weights or {}),
+            now_s,
+        )
+
+    # -- keeping the indexes up to date --
+
+    def add_pending(self, job: JobView) -> None:
+        if job.id in self.pending or job.id in self.running:
+            raise ValueError(f"job {job.id} is already pending or running")
+        self.pending[job.id] = job
+        entry = (_order_key(job), job)
+        insort(self.pending_fifo, entry)
+        queue = las_queue(job.attained_gpu_s)
+        insort(
+            self.pending_classes.setdefault(job.priority, {}).setdefault(queue, {}).setdefault(job.project, []), entry
+        )
+        if job.request.gpus == 0:
+            self.pending_without_gpus += 1
+
+    def remove_pending(self, job_id: JobId) -> JobView:
+        job = self.pending.pop(job_id)
+        key = _order_key(job)
+        _remove_entry(self.pending_fifo, key)
+        levels = self.pending_classes[job.priority]
+        queue = las_queue(job.attained_gpu_s)
+        projects = levels[queue]
+        _remove_entry(projects[job.project], key)
+        if not projects[job.project]:
+            del projects[job.project]
+            if not projects:
+                del levels[queue]
+                if not levels:
+                    del self.pending_classes[job.priority]
+        if job.request.gpus == 0:
+            self.pending_without_gpus -= 1
+        return job
+
+    def add_running(self, run: Running) -> None:
+        """Takes the placement's resources. Raises ValueError if they are not free (an overcommit)."""
+        job = run.job
+        if job.id in self.running:
+            raise ValueError(f"job {job.id} is already running")
+        for share in run.placement:
+            node = self.free.get(share.node)
+            if node is None:
+                raise ValueError(f"job {job.id} is placed on unknown node {share.node!r}")
+            before = len(node.gpu_ids)
+            for gpu in share.gpu_ids:
+                try:
+                    node.gpu_ids.remove(gpu)
+                except ValueError:
+                    raise ValueError(f"job {job.id} takes GPU {gpu} of node {share.node}, which is not free") from None
+            node.cpus -= share.cpus
+            node.memory_gb -= share.memory_gb
+            if node.cpus < -1e-6 or node.memory_gb < -1e-6:
+                raise ValueError(f"job {job.id} overcommits CPUs or memory of node {share.node}")
+            self._move_bucket(share.node, before, len(node.gpu_ids))
+            self.free_gpus -= len(share.gpu_ids)
+        self.running[job.id] = run
+        self.usage[job.project] = _plus(self.usage.get(job.project, _NONE), job.request)
+        if job.preemptible and not run.stopping:
+            self.victims.setdefault(job.priority, {})[job.id] = run
+        if run.stopping:
+            self.stopping += 1
+
+    def remove_running(self, job_id: JobId) -> Running:
+        """Frees the job's resources and returns it."""
+        run = self.running.pop(job_id)
+        job = run.job
+        for share in run.placement:
+            node = self.free[share.node]
+            before = len(node.gpu_ids)
+            node.gpu_ids.extend(share.gpu_ids)
+            node.gpu_ids.sort()
+            node.cpus += share.cpus
+            node.memory_gb += share.memory_gb
+            self._move_bucket(share.node, before, len(node.gpu_ids))
+            self.free_gpus += len(share.gpu_ids)
+        self.usage[job.project] = _minus(self.usage[job.project], job.request)
+        by_priority = self.victims.get(job.priority)
+        if by_priority is not None and by_priority.pop(job_id, None) is not None and not by_priority:
+            del self.victims[job.priority]
+        if run.stopping:
+            self.stopping -= 1
+        return run
+
+    def _move_bucket(self, node: str, before: int, after: int) -> None:
+        if before != after:
+            del self.by_free_gpus[before][node]
+            self.by_free_gpus[after][node] = None
+
+
+def _remove_entry(entries: list[_Entry], key: tuple[float, int, str]) -> None:
+    i = bisect_left(entries, (key,))  # a 1-tuple sorts just before the entry it is the key of
+    del entries[i]
+
+
+_NONE = Resources()
+
+
+def _plus(a: Resources, b: Resources) -> Resources:
+    return Resources(a.gpus + b.gpus, a.cpus + b.cpus, a.memory_gb + b.memory_gb)
+
+
+def _minus(a: Resources, b: Resources) -> Resources:
+    return Resources(a.gpus - b.gpus, a.cpus - b.cpus, a.memory_gb - b.memory_gb)
+
+
+def _covers(request: Resources, other: Resources) -> bool:
+    """Whether `request` asks for at least as much of everything as `other`."""
+    return request.gpus >= other.gpus and request.cpus >= other.cpus and request.memory_gb >= other.memory_gb
+
+
+def _within_quota(held: Resources, request: Resources, quota: Resources | None) -> bool:
+    if quota is None:
+        return True
+    return (
+        (quota.gpus <= 0 or held.gpus + request.gpus <= quota.gpus)
+        and (quota.cpus <= 0 or held.cpus + request.cpus <= quota.cpus + 1e-9)
+        and (quota.memory_gb <= 0 or held.memory_gb + request.memory_gb <= quota.memory_gb + 1e-9)
+    )
+
+
+def unplaceable(request: Resources, nodes: Iterable[Node]) -> str | None:
+    """Why `request` can never fit the pool `nodes`, even when it is empty (names the resource and sizes); else None."""
+    nodes = list(nodes)
+    if request.gpus < 0 or request.cpus < 0 or request.memory_gb < 0:
+        return f"asks for negative resources ({request.gpus} GPUs, {request.cpus:g} CPUs, {request.memory_gb:g} GB)"
+    if not nodes:
+        return "the pool has no nodes"
+    total_gpus = sum(len(n.gpu_ids) for n in nodes)
+    if request.gpus > total_gpus:
+        return f"asks for {request.gpus} GPUs but the pool has {total_gpus} on {len(nodes)} node(s)"
+    largest = max(len(n.gpu_ids) for n in nodes)
+    if request.gpus <= largest:
+        able = [n for n in nodes if len(n.gpu_ids) >= request.gpus]
+        most_cpus = max(n.cpus for n in able)
+        if request.cpus > most_cpus:
+            return f"asks for {request.cpus:g} CPUs on one node but the largest such node has {most_cpus:g}"
+        most_memory = max(n.memory_gb for n in able if n.cpus >= request.cpus)
+        if request.memory_gb > most_memory:
+            return (
+                f"asks for {request.memory_gb:g} GB of memory on one node but the largest such node has {most_memory:g}"
+            )
+        return None
+    # A gang: the largest nodes first, each giving its CPUs and memory in proportion to the GPUs it gives.
+    left = request.gpus
+    for n in sorted(nodes, key=lambda n: len(n.gpu_ids), reverse=True):
+        give = min(left, len(n.gpu_ids))
+        if give == 0:
+            break
+        cpus, memory_gb = request.cpus * give / request.gpus, request.memory_gb * give / request.gpus
+        if cpus > n.cpus + 1e-9 or memory_gb > n.memory_gb + 1e-9:
+            return (
+                f"asks for {request.gpus} GPUs over whole nodes with {request.cpus:g} CPUs and {request.memory_gb:g} GB"
+                f", but node {n.name} cannot hold its part ({cpus:g} CPUs, {memory_gb:g} GB)"
+            )
+        left -= give
+    return None
+
+
+class Policy(Protocol):
+    name: str
+
+    def decide(self, state: ClusterState) -> list[Decision]: ...
+
+
+class _Call:
+    """Scratch for one decide call: what its Starts have taken, on top of the (unchanged) state."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.touched: dict[str, NodeFree] = {}  # nodes this call placed jobs on: their free part now
+        self.touched_by_free: list[dict[str, None]] = [{} for _ in range(state.max_node_gpus + 1)]
+        self.usage: dict[str, Resources] = {}
+        self.free_gpus = state.free_gpus
+        self._served: dict[int, list[tuple[int, float, Running]]] = {}
+
+    def served(self, priority: int) -> list[tuple[int, float, Running]]:
+        """Preemptible running jobs of `priority` past LAS_MIN_RUN_S, as (LAS queue, started_s, job), the latest
+        queue first, then the most recently started. Looks at the MAX_VICTIM_SCAN oldest only (the most served);
+        computed once per call."""
+        found = self._served.get(priority)
+        if found is None:
+            found = []
+            now_s = self.state.now_s
+            for scanned, run in enumerate(self.state.victims.get(priority, {}).values()):  # in start order
+                if scanned >= MAX_VICTIM_SCAN or now_s - run.started_s < LAS_MIN_RUN_S:
+                    break  # every later one started later still
+                found.append((las_queue(attained_now(run, now_s)), run.started_s, run))
+            found.sort(key=lambda e: (-e[0], -e[1]))
+            self._served[priority] = found
+        return found
+
+    def node_free(self, name: str) -> NodeFree:
+        return self.touched.get(name) or self.state.free[name]
+
+    def held(self, project: str) -> Resources:
+        return self.usage.get(project) or self.state.usage.get(project, _NONE)
+
+    def share_of(self, project: str) -> float:
+        """Weighted dominant share: the larger of the project's GPU and CPU fractions, over its weight."""
+        held, total = self.held(project), self.state.total
+        gpu = held.gpus / total.gpus if total.gpus else 0.0
+        cpu = held.cpus / total.cpus if total.cpus else 0.0
+        return max(gpu, cpu) / self.state.weights.get(project, 1.0)
+
+    def take(self, job: JobView, placement: Placement) -> None:
+        for share in placement:
+            now = self.node_free(share.node)
+            before = len(now.gpu_ids)
+            taken = set(share.gpu_ids)
+            after = NodeFree(
+                [g for g in now.gpu_ids if g not in taken], now.cpus - share.cpus, now.memory_gb - share.memory_gb
+            )
+            if share.node in self.touched:
+                del self.touched_by_free[before][share.node]
+            self.touched[share.node] = after
+            self.touched_by_free[len(after.gpu_ids)][share.node] = None
+            self.free_gpus -= len(share.gpu_ids)
+        self.usage[job.project] = _plus(self.held(job.project), job.request)
+
+    def candidates(self, gpus: int, pack: bool) -> Iterator[str]:
+        """Nodes with at least `gpus` free GPUs: the fullest first when packing, else the emptiest first."""
+        sizes = range(gpus, self.state.max_node_gpus + 1)
+        for free in sizes if pack else reversed(sizes):
+            yield from self.touched_by_free[free]
+            for name in self.state.by_free_gpus[free]:
+                if name not in self.touched:
+                    yield name
+
+    def place(self, request: Resources, pack: bool) -> Placement | None:
+        """Where `request` fits now, or None. One node if it can; otherwise whole free nodes, largest first."""
+        if request.gpus > self.free_gpus:
+            return None
+        if request.gpus <= self.state.max_node_gpus:
+            for name in self.candidates(request.gpus, pack):
+                node = self.node_free(name)
+                if node.cpus >= request.cpus - 1e-9 and node.memory_gb >= request.memory_gb - 1e-9:
+                    return (Share(name, tuple(node.gpu_ids[: request.gpus]), request.cpus, request.memory_gb),)
+            return None
+        shares: list[Share] = []
+        left = request.gpus
+        for size in self.state.node_sizes:
+            for name in self.state.by_free_gpus[size]:
+                if name in self.touched or len(self.state.nodes[name].gpu_ids) != size:
+                    continue
+                give = min(left, size)
+                node = self.state.free[name]
+                cpus, memory_gb = request.cpus * give / request.gpus, request.memory_gb * give / request.gpus
+                if node.cpus < cpus - 1e-9 or node.memory_gb < memory_gb - 1e-9:
+                    continue
+                shares.append(Share(name, tuple(node.gpu_ids[:give]), cpus, memory_gb))
+                left -= give
+                if left == 0:
+                    return tuple(shares)
+        return None
+
+
+@dataclass
+class Scheduler:
+    """The three policies are one algorithm with switches; `make_policy` names the combinations."""
+
+    name: str
+    fair: bool  # priority classes, fair share between projects, backfill; else strict arrival order
+    las: bool  # least-attained-service queues within a priority, with preemption across them
+    preempt: bool  # preempt lower-priority preemptible jobs for a waiting higher-priority one
+    pack: bool  # place on the fullest node that fits; else on the emptiest (spreading, the Kubernetes default)
+
+    def decide(self, state: ClusterState) -> list[Decision]:
+        call = _Call(state)
+        decisions: list[Decision] = []
+        blocked = self._fill_fair(call, decisions) if self.fair else self._fill_fifo(call, decisions)
+        if self.preempt and state.stopping == 0:
+            for waiting in blocked:
+                preempts = self._preempt_for(waiting, call)
+                if preempts:
+                    decisions.extend(preempts)
+                    break
+        return decisions
+
+    def _fill_fifo(self, call: _Call, decisions: list[Decision]) -> list[JobView]:
+        state = call.state
+        for scanned, (_, job) in enumerate(state.pending_fifo):
+            if scanned >= MAX_SCAN:
+                break
+            if not _within_quota(call.held(job.project), job.request, state.quotas.get(job.project)):
+                continue  # it could not run however free the pool was; it does not hold up the queue
+            placement = call.place(job.request, self.pack)
+            if placement is None:
+                return [job]  # head-of-line blocking
+            call.take(job, placement)
+            decisions.append(Start(job.id, placement))
+        return []
+
+    def _fill_fair(self, call: _Call, decisions: list[Decision]) -> list[JobView]:
+        """Starts what fits, class by class; within a class the project furthest below its share goes first, and
+        once its next job does not fit, the other projects take their turn before it tries another. Returns the
+        first PREEMPT_TRIES jobs that did not fit, in order: they may ask for preemption."""
+        state = call.state
+        budget, misses_in_a_row = MAX_SCAN, 0
+        blocked: list[JobView] = []
+        failed: list[Resources] = []  # requests that did not fit: any request at least as large fails too
+        for priority in sorted(state.pending_classes, reverse=True):
+            for group in self._groups(state.pending_classes[priority]):
+                heap = [(0, call.share_of(p), p) for p in group]  # (misses this call, share, project)
+                heapq.heapify(heap)
+                while heap:
+                    if budget == 0 or misses_in_a_row == MAX_MISSES:
+                        return blocked
+                    misses, _, project = heap[0]
+                    entry = next(group[project], None)
+                    if entry is None:
+                        heapq.heappop(heap)
+                        continue
+                    job = entry[1]
+                    budget -= 1
+                    if not _within_quota(call.held(project), job.request, state.quotas.get(project)):
+                        continue
+                    if any(_covers(job.request, f) for f in failed):
+                        placement = None
+                    else:
+                        placement = call.place(job.request, self.pack)
+                    if placement is None:
+                        if len(blocked) < PREEMPT_TRIES:
+                            blocked.append(job)
+                        if not any(_covers(job.request, f) for f in failed):
+                            failed.append(job.request)
+                        if call.free_gpus == 0 and state.pending_without_gpus == 0:
+                            return blocked  # nothing more can start in this call
+                        misses_in_a_row += 1
+                        heapq.heapreplace(heap, (misses + 1, call.share_of(project), project))
+                        continue
+                    call.take(job, placement)
+                    decisions.append(Start(job.id, placement))
+                    misses_in_a_row = 0
+                    heapq.heapreplace(heap, (misses, call.share_of(project), project))
+        return blocked
+
+    def _groups(self, levels: dict[int, dict[str, list[_Entry]]]) -> Iterator[dict[str, Iterator[_Entry]]]:
+        """The pending jobs of one priority, as groups scheduled one after the other; each maps a project to its
+        jobs in submission order. With LAS a group is one queue; without, the whole priority."""
+        if self.las:
+            for queue in sorted(levels):
+                yield {project: iter(entries) for project, entries in levels[queue].items()}
+            return
+        by_project: dict[str, list[list[_Entry]]] = {}
+        for queue in sorted(levels):
+            for project, entries in levels[queue].items():
+                by_project.setdefault(project, []).append(entries)
+        yield {p: iter(lists[0]) if len(lists) == 1 else heapq.merge(*lists) for p, lists in by_project.items()}
+
+    def _victim_order(self, waiting: JobView, call: _Call) -> Iterator[tuple[Running, str]]:
+        """Running jobs that may give way to `waiting`, in the order they should: lowest priority first, then the
+        most recently started; with LAS then jobs of its own priority in a later queue that have run at least
+        LAS_MIN_RUN_S, the latest queue first, then the most recently started. Yields (job, reason)."""
+        state = call.state
+        why = f"for job {waiting.id} (priority {waiting.priority})"
+        for priority in sorted(state.victims):
+            if priority >= waiting.priority:
+                break
+            for run in reversed(state.victims[priority].values()):
+                yield run, why
+        if not self.las:
+            return
+        queue = las_queue(waiting.attained_gpu_s)
+        for run_queue, _, run in call.served(waiting.priority):
+            if run_queue <= queue:
+                break
+            yield run, f"for job {waiting.id} (priority {waiting.priority}, LAS queue {queue} ahead of {run_queue})"
+
+    def _preempt_for(self, waiting: JobView, call: _Call) -> list[Decision]:
+        """Preemptions that let `waiting` fit, or none. Victims accumulate in order until one node (or enough whole
+        nodes for a gang) would hold it; only the victims on those nodes are preempted."""
+        state, request = call.state, waiting.request
+        gang = request.gpus > state.max_node_gpus
+        freed: dict[str, list[float]] = {}  # node -> [gpus, cpus, memory_gb] the victims so far would free there
+        on_node: dict[str, list[tuple[Running, str]]] = {}
+        whole: list[str] = []  # gang: nodes the victims so far would empty
+        whole_gpus = 0
+        if gang:  # nodes already empty count towards the gang
+            for size in state.node_sizes:
+                whole_gpus += size * sum(
+                    1 for n in state.by_free_gpus[size] if n not in call.touched and len(state.nodes[n].gpu_ids) == size
+                )
+        for scanned, (run, why) in enumerate(self._victim_order(waiting, call)):
+            if scanned >= MAX_VICTIM_SCAN:
+                break
+            if run.stopping:
+                continue
+            for share in run.placement:
+                got = freed.setdefault(share.node, [0, 0.0, 0.0])
+                got[0] += len(share.gpu_ids)
+                got[1] += share.cpus
+                got[2] += share.memory_gb
+                on_node.setdefault(share.node, []).append((run, why))
+                node = call.node_free(share.node)
+                gpus, cpus, memory_gb = len(node.gpu_ids) + int(got[0]), node.cpus + got[1], node.memory_gb + got[2]
+                if not gang:
+                    if gpus >= request.gpus and cpus >= request.cpus - 1e-9 and memory_gb >= request.memory_gb - 1e-9:
+                        return _preempts(on_node[share.node])
+                elif gpus == len(state.nodes[share.node].gpu_ids) and share.node not in whole:
+                    whole.append(share.node)
+                    whole_gpus += gpus
+                    if whole_gpus >= request.gpus:
+                        return _preempts([v for n in whole for v in on_node[n]])
+        return []
+
+
+def _preempts(victims: list[tuple[Running, str]]) -> list[Decision]:
+    seen: dict[JobId, Preempt] = {}
+    for run, why in victims:
+        seen.setdefault(run.job.id, Preempt(run.job.id, why))
+    return list(seen.values())
+
+
+POLICIES = {
+    "fifo": lambda: Scheduler("fifo", fair=False, las=False, preempt=False, pack=False),
+    "priority-fair": lambda: Scheduler("priority-fair", fair=True, las=False, preempt=True, pack=False),
+    "default": lambda: Scheduler("default", fair=True, las=True, preempt=True, pack=True),
+}
+
+
+def make_policy(name: str) -> Policy:
+    """A fresh policy by name. Raises ValueError naming the known names."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduling policy {name!r}; known: {', '.join(POLICIES)}")
+    return POLICIES[name]()
+
+
+__all__ = [
+    "LAS_LIMITS_GPU_S",
+    "LAS_MIN_RUN_S",
+    "ClusterState",
+    "Decision",
+    "JobId",
+    "JobView",
+    "Node",
+    "Placement",
+    "Policy",
+    "Preempt",
+    "Resources",
+    "Running",
+    "Share",
+    "Start",
+    "attained_now",
+    "las_queue",
+    "make_policy",
+    "unplaceable",
+]
