@@ -2,20 +2,26 @@
 
 import contextlib
 import json
+import os
+from collections.abc import Callable
 from dataclasses import asdict
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 from pydantic import ValidationError
+from sqlalchemy import select
 
 from aifab.cli.common import app, open_store, out
 from aifab.cli.data import resolve_dataset
 from aifab.errors import AifabError, NotFound
+from aifab.orchestrate import attempt
 from aifab.spec import FactorySpec, ModelSpec, TrainingSpec, load_spec
+from aifab.store import Store
 from aifab.store.names import check_name
-from aifab.store.schema import Run
+from aifab.store.schema import Run, utcnow
 
 
 def model_spec(value: str) -> ModelSpec:
@@ -72,6 +78,11 @@ def train_command(
     if lora_rank is not None and base is None:
         raise AifabError("--lora-rank adapts an existing model: give --from MODEL")
     store = open_store()
+    # inside a job (aifab submit / a pipeline stage): SIGTERM stops at a checkpoint, and a later attempt of the
+    # same job resumes the run an earlier attempt started
+    in_job = engine == "local" and attempt.current() is not None and os.environ.get("RANK", "0") == "0"
+    stop_check = attempt.preemption_check() if in_job else _never
+    continued = _job_run(store) if in_job and resume is None else None
     base_id = None
     generation: dict[str, Any] = {}  # a fine-tune generates like its base (BOS/EOS, chat template)
     if resume is not None:
@@ -90,7 +101,10 @@ def train_command(
         ]
         if given:
             raise AifabError(f"--resume continues the run's own dataset, model and settings; drop {', '.join(given)}")
-        job = partial(resume_run, run_id=resume, steps=steps, seconds=seconds)
+        job = partial(resume_run, run_id=resume, steps=steps, seconds=seconds, stop_check=stop_check)
+    elif continued is not None:  # the run's own dataset, model and budget; the command's options made it
+        out.print(f"resuming run {continued} (started by an earlier attempt of this job) from its newest checkpoint")
+        job = partial(resume_run, run_id=continued, stop_check=stop_check)
     else:
         if dataset is None:
             raise AifabError("--dataset is required (or --resume RUN)")
@@ -120,7 +134,11 @@ def train_command(
             except ValueError as e:
                 raise AifabError(str(e)) from None
             fine_tune = FineTune(f"{mv.name}:{mv.version}", mv.weights_digest, mv.tokenizer_digest, lora)
-        job = partial(train, dataset_version_id=ds.id, model_spec=mspec, cfg=training, base=fine_tune)
+        if in_job:
+            stop_check = _remembering_run(store, stop_check, ds.id)
+        job = partial(
+            train, dataset_version_id=ds.id, model_spec=mspec, cfg=training, base=fine_tune, stop_check=stop_check
+        )
     if engine == "ray":
         out.print(f"training on Ray Train with {workers} workers")
         result = run_on_ray(store, job, workers)
@@ -128,11 +146,24 @@ def train_command(
         result = job(store)
     if _finish_process_group():  # under torchrun, rank 0 alone registers and reports
         return
+    if in_job:
+        attempt.remember("run_id", result.run_id)
+        if result.stopped_by == "preempted":
+            with store.db.session() as s:  # resumable: the trainer marks a run that stopped "completed"
+                run = s.get(Run, result.run_id)
+                if run is not None:
+                    run.status = "preempted"
+            out.print(
+                f"run {result.run_id} preempted at step {result.steps}; its checkpoint is kept and the next attempt "
+                "resumes it"
+            )
+            raise typer.Exit(attempt.EXIT_PREEMPTED)
     with store.db.session() as s:
         run = s.get(Run, result.run_id)
         dataset_version_id = run.dataset_version_id if run is not None else None
         init = (run.params or {}).get("init") if run is not None else None
-    if resume is not None and isinstance(init, dict) and init.get("model"):  # a resumed fine-tune: its base's
+    # a resumed fine-tune (by --resume or by a later attempt of its job) generates like its base
+    if (resume or continued) is not None and isinstance(init, dict) and init.get("model"):
         with contextlib.suppress(NotFound):  # unless the base version is gone: then nothing to inherit
             generation = dict(resolve(store, str(init["model"])).generation or {})
     mv = register(
@@ -157,6 +188,49 @@ def train_command(
     )
     if as_json:
         print(json.dumps(asdict(result)))
+
+
+def _never() -> str | None:
+    return None
+
+
+def _job_run(store: Store) -> str | None:
+    """The run an earlier attempt of this job started and did not finish, if any."""
+    run_id = attempt.recall("run_id")
+    if not isinstance(run_id, str):
+        return None
+    with store.db.session() as s:
+        run = s.get(Run, run_id)
+        return run_id if run is not None and run.status != "completed" else None
+
+
+def _remembering_run(
+    store: Store, check: Callable[[], str | None], dataset_version_id: int
+) -> Callable[[], str | None]:
+    """`check`, which on its first call (inside the training loop, so the run exists) remembers this job's run
+    for a later attempt. The trainer does not name its run before it returns, so this finds the newest running
+    run on the dataset that started after this process."""
+    since = utcnow() - timedelta(seconds=1)
+    looked = False
+
+    def stop() -> str | None:
+        nonlocal looked
+        if not looked:
+            looked = True
+            with store.db.session() as s:
+                run_id = s.scalar(
+                    select(Run.id)
+                    .where(
+                        Run.status == "running", Run.dataset_version_id == dataset_version_id, Run.created_at >= since
+                    )
+                    .order_by(Run.created_at.desc())
+                    .limit(1)
+                )
+            if run_id is not None:
+                attempt.remember("run_id", run_id)
+        return check()
+
+    return stop
 
 
 def _finish_process_group() -> bool:

@@ -1,0 +1,426 @@
+"""The control plane: one loop that reaps finished attempts, retries and requeues, asks the policy what to start
+or preempt, and applies its decisions through an executor. All its state is in the job rows, so a new control
+plane picks up where a killed one stopped (`recover()`).
+
+One control plane owns a store at a time (an flock on `$AIFAB_HOME/controller.lock`, released by the kernel
+when the process dies). `tick()` is one round; `run(stop)` ticks until `stop` is set; `wait(job)` ticks until
+that job ends (the embedded mode a pipeline uses).
+
+Attempt outcomes: exit 0 -> succeeded (result.json copied into `jobs.result`); `EXIT_PREEMPTED`, or a SIGTERM
+death while being preempted -> pending again, `preemptions += 1`; another exit -> retried after
+`backoff_s * 2**retry` (via `not_before`) until `max_retries`, then failed; gone without an exit code (lost)
+-> requeued, at most `MAX_LOST` times; a cancel request -> cancelled.
+"""
+
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from aifab.errors import AifabError
+from aifab.orchestrate import jobs
+from aifab.orchestrate.attempt import EXIT_PREEMPTED, RESULT_FILE, read_json
+from aifab.orchestrate.executors import LOST, Executor, LocalExecutor, Poll
+from aifab.orchestrate.jobs import JobInfo, JobSpec
+from aifab.orchestrate.launch import EXIT_CANNOT_START
+from aifab.orchestrate.policy import (
+    ClusterState,
+    JobView,
+    Node,
+    Placement,
+    Preempt,
+    Resources,
+    Running,
+    Share,
+    Start,
+    make_policy,
+    unplaceable,
+)
+from aifab.store import Store
+from aifab.store.schema import utcnow
+
+MAX_LOST = 3  # attempts that vanish without an exit code (a dead launcher, a rebooted machine) requeue this often
+PREEMPT_GRACE_S = 120.0  # SIGTERM -> SIGKILL for a preempted job: time to write its checkpoint
+CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a cancelled job
+LOCK_FILE = "controller.lock"
+
+
+class JobTimeout(AifabError):
+    """wait() gave up before the job ended."""
+
+
+@dataclass
+class _Stopping:
+    """An attempt the control plane asked to stop, and when it gets SIGKILL if still running."""
+
+    reason: str  # preempt | cancel
+    kill_at: float  # time.monotonic()
+    killed: bool = False
+
+
+def detect_nodes() -> list[Node]:
+    """This machine as one node: GPUs (NVML, else torch when an NVIDIA driver is present), usable CPUs and
+    total memory from /proc/meminfo."""
+    cpus = float(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else float(os.cpu_count() or 1)
+    memory_gb = 0.0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gb = int(line.split()[1]) / 1024**2  # kB -> GiB
+    except OSError:
+        pass
+    return [Node(socket.gethostname() or "local", tuple(range(_gpu_count())), cpus, round(memory_gb, 1))]
+
+
+def _gpu_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: NVML raises its own error classes
+        pass
+    if not Path("/proc/driver/nvidia").exists():
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def request_of(job: JobInfo | JobSpec) -> Resources:
+    return Resources(gpus=job.gpus, cpus=job.cpus, memory_gb=job.memory_gb)
+
+
+def placement_to_dict(placement: Placement) -> dict[str, Any]:
+    shares = [{"node": s.node, "gpu_ids": list(s.gpu_ids), "cpus": s.cpus, "memory_gb": s.memory_gb} for s in placement]
+    return {
+        "node": shares[0]["node"] if shares else None,
+        "gpu_ids": [g for s in placement for g in s.gpu_ids],
+        "shares": shares,
+    }
+
+
+def placement_of(job: JobInfo) -> Placement:
+    shares: list[dict[str, Any]] = (job.placement or {}).get("shares") or []
+    return tuple(
+        Share(str(s["node"]), tuple(int(g) for g in s["gpu_ids"]), float(s["cpus"]), float(s["memory_gb"]))
+        for s in shares
+    )
+
+
+def exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class ControlPlane:
+    """Schedules the jobs of `store` on `nodes` (None: this machine) with `executor` (None: LocalExecutor)
+    under `policy` (a name for policy.make_policy). `quotas`/`weights` are per project."""
+
+    def __init__(
+        self,
+        store: Store,
+        nodes: Sequence[Node] | None = None,
+        executor: Executor | None = None,
+        policy: str = "default",
+        quotas: dict[str, Resources] | None = None,
+        weights: dict[str, float] | None = None,
+        *,
+        poll_s: float = 0.2,
+        preempt_grace_s: float = PREEMPT_GRACE_S,
+        cancel_grace_s: float = CANCEL_GRACE_S,
+    ) -> None:
+        self.store = store
+        self.nodes = list(nodes) if nodes is not None else detect_nodes()
+        if not self.nodes:
+            raise AifabError("the control plane needs at least one node")
+        self.executor: Executor = executor if executor is not None else LocalExecutor(store.home)
+        try:
+            self.policy = make_policy(policy)
+        except ValueError as e:
+            raise AifabError(str(e)) from None
+        self.policy_name = policy
+        self.quotas, self.weights = quotas, weights
+        self.poll_s, self.preempt_grace_s, self.cancel_grace_s = poll_s, preempt_grace_s, cancel_grace_s
+        self._stopping: dict[int, _Stopping] = {}
+        self._tick_lock = threading.Lock()  # the loop thread and wait() callers tick one at a time
+        self._lock_file = self._acquire(store.home / LOCK_FILE)
+        try:
+            self.recover()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- ownership of the store ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _acquire(path: Path) -> IO[str]:
+        f = open(path, "a+")  # noqa: SIM115 (held open for the control plane's life)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise AifabError(
+                f"another control plane (pid {holder}) already runs the jobs of {path.parent}; "
+                "talk to it (aifab submit/status) or stop it first"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
+
+    def close(self) -> None:
+        """Release the store. Running attempts keep running; the next control plane reattaches them."""
+        if not self._lock_file.closed:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+
+    def __enter__(self) -> "ControlPlane":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the public verbs ---------------------------------------------------------------------------------------
+
+    def check(self, spec: JobSpec) -> None:
+        """Refuse, before anything runs, a request no node set of this pool can ever hold."""
+        why = unplaceable(request_of(spec), self.nodes)
+        if why is not None:
+            raise AifabError(f"job {spec.label()!r} can never run on this pool: {why}")
+
+    def submit(self, spec: JobSpec | dict[str, Any]) -> int:
+        """Validate and queue a job; return its id. It starts on a later tick."""
+        spec = spec if isinstance(spec, JobSpec) else JobSpec.parse(spec)
+        self.check(spec)
+        return jobs.submit(self.store, spec)
+
+    def wait(self, job_id: int, timeout_s: float | None = None) -> JobInfo:
+        """Tick until job `job_id` is succeeded, failed or cancelled; its final row. JobTimeout after `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self.tick()
+            info = jobs.get(self.store, job_id)
+            if info.terminal:
+                return info
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} is still {info.status} after {timeout_s:g} s")
+            time.sleep(self.poll_s)
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick every `poll_s` until `stop` is set. A failing round is reported and the loop goes on."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception as e:  # e.g. a locked database: the next round retries, no state is lost
+                print(f"control plane: round failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            stop.wait(self.poll_s)
+
+    def recover(self) -> None:
+        """On start: every row that says running is reattached when its attempt is still alive; else its end is
+        read (exit.json) or it is marked lost and requeued. No row is dropped."""
+        for job in jobs.list_jobs(self.store, ("running",)):
+            if job.handle is not None and self.executor.reattach(job.handle):
+                jobs.transition(self.store, job.id, "reattached", {"attempt": job.attempts, "handle": job.handle})
+                if jobs.count_events(self.store, job.id, "preempting", job.attempts):
+                    self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.preempt_grace_s)
+            else:
+                self._watch(job, time.time())
+
+    def tick(self) -> None:
+        """One round: reap and watch running attempts, then apply the policy's starts and preemptions."""
+        with self._tick_lock:
+            now_s = time.time()
+            for job in jobs.list_jobs(self.store, ("running",)):
+                self._watch(job, now_s)
+            active = jobs.list_jobs(self.store, jobs.ACTIVE)
+            pending, running = [], []
+            for job in active:
+                if job.status == "pending" and job.cancel_requested:
+                    self._finish(job, "cancelled", {"by": "user"}, expect="pending")
+                elif job.status == "pending":
+                    if job.not_before is None or job.not_before.timestamp() <= now_s:
+                        pending.append(job)
+                else:
+                    running.append(job)
+            if not pending and not running:
+                return
+            runs = [
+                Running(
+                    self._view(j, now_s),
+                    placement_of(j),
+                    j.started_at.timestamp() if j.started_at else now_s,
+                    stopping=j.id in self._stopping,
+                )
+                for j in running
+            ]
+            views = [self._view(j, now_s) for j in pending]
+            try:
+                state = ClusterState.build(self.nodes, views, runs, self.quotas, self.weights, now_s)
+            except ValueError as e:  # e.g. restarted with fewer nodes than running jobs were placed on
+                raise AifabError(f"the running jobs do not fit this control plane's nodes: {e}") from None
+            by_id = {j.id: j for j in active}
+            for decision in self.policy.decide(state):
+                if isinstance(decision, Start) and decision.job_id in by_id:
+                    self._start(by_id[decision.job_id], decision.placement)
+                elif isinstance(decision, Preempt) and decision.job_id in by_id:
+                    self._preempt(by_id[decision.job_id], decision.reason)
+
+    # -- one round's parts --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _view(job: JobInfo, now_s: float) -> JobView:
+        attained = job.attained_gpu_s
+        if job.status == "running" and job.started_at is not None:
+            attained += job.gpus * max(0.0, now_s - job.started_at.timestamp())
+        return JobView(
+            id=job.id,
+            project=job.project,
+            priority=job.priority,
+            kind=job.kind,
+            request=request_of(job),
+            preemptible=job.preemptible,
+            submitted_s=job.submitted_at.timestamp(),
+            attained_gpu_s=attained,
+        )
+
+    def _start(self, job: JobInfo, placement: Placement) -> None:
+        where = placement_to_dict(placement)
+        attempt = job.attempts + 1
+        placed = jobs.transition(
+            self.store,
+            job.id,
+            "placed",
+            {"attempt": attempt, "node": where["node"], "gpu_ids": where["gpu_ids"]},
+            expect=("pending",),
+            status="running",
+            attempts=attempt,
+            executor=self.executor.name,
+            node=where["node"],
+            placement=where,
+            handle=None,
+            exit_code=None,
+            error=None,
+            not_before=None,
+            started_at=utcnow(),
+        )
+        if not placed:  # cancelled meanwhile
+            return
+        info = jobs.get(self.store, job.id)
+        try:
+            handle = self.executor.start(info, placement)
+        except (AifabError, OSError) as e:
+            self._end_attempt(info, EXIT_CANNOT_START, time.time(), error=f"cannot start: {e}")
+            return
+        jobs.transition(
+            self.store, job.id, "started", {"attempt": attempt, "handle": handle}, expect=("running",), handle=handle
+        )
+
+    def _preempt(self, job: JobInfo, reason: str) -> None:
+        if job.status != "running" or job.handle is None or job.id in self._stopping or not job.preemptible:
+            return
+        jobs.transition(self.store, job.id, "preempting", {"attempt": job.attempts, "reason": reason})
+        self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.preempt_grace_s)
+        self.executor.terminate(job.handle)
+
+    def _watch(self, job: JobInfo, now_s: float) -> None:
+        """Reap the attempt if it ended; else carry out a pending cancel and any overdue SIGKILL."""
+        if job.handle is None:  # the control plane died between placing it and starting it
+            self._end_attempt(job, LOST, now_s, error="never started: the control plane stopped while placing it")
+            return
+        res = self.executor.poll(job.handle)
+        if res is not None:
+            self._end_attempt(job, res, now_s)
+            return
+        stopping = self._stopping.get(job.id)
+        if job.cancel_requested and (stopping is None or stopping.reason != "cancel"):
+            deadline = time.monotonic() + self.cancel_grace_s
+            stopping = self._stopping[job.id] = _Stopping(
+                "cancel", min(deadline, stopping.kill_at) if stopping else deadline
+            )
+            jobs.transition(self.store, job.id, "terminating", {"attempt": job.attempts, "reason": "cancel"})
+            self.executor.terminate(job.handle)
+        if stopping is not None and not stopping.killed and time.monotonic() >= stopping.kill_at:
+            stopping.killed = True
+            jobs.transition(self.store, job.id, "killing", {"attempt": job.attempts, "reason": stopping.reason})
+            self.executor.kill(job.handle)
+
+    def _end_attempt(self, job: JobInfo, res: Poll, now_s: float, error: str | None = None) -> None:
+        stopping = self._stopping.pop(job.id, None)
+        ran_s = max(0.0, now_s - job.started_at.timestamp()) if job.started_at else 0.0
+        result = read_json(jobs.job_dir(self.store.home, job.id) / RESULT_FILE)
+        common: dict[str, Any] = {
+            "attained_gpu_s": job.attained_gpu_s + job.gpus * ran_s,
+            "handle": None,
+            "executor": None,
+            "exit_code": None if res == LOST else res,
+        }
+        if isinstance(result, dict):
+            common["result"] = result
+        detail: dict[str, Any] = {"attempt": job.attempts, "exit_code": common["exit_code"], "ran_s": round(ran_s, 3)}
+        if res == LOST:
+            if job.handle is not None:
+                self.executor.kill(job.handle)  # whatever the lost launcher left behind
+            lost = jobs.count_events(self.store, job.id, "lost")
+            if job.cancel_requested:
+                self._finish(job, "cancelled", {**detail, "by": "user"}, **common)
+            elif lost < MAX_LOST:
+                why = error or "the attempt vanished without an exit code"
+                jobs.transition(
+                    self.store, job.id, "lost", {**detail, "error": why}, expect=("running",), status="pending",
+                    error=why, **common,
+                )  # fmt: skip
+            else:
+                why = f"lost {lost + 1} times (the attempt vanished without an exit code)"
+                self._finish(job, "failed", {**detail, "error": why}, error=why, **common)
+            return
+        assert isinstance(res, int)
+        preempting = (stopping is not None and stopping.reason == "preempt") or (
+            stopping is None and jobs.count_events(self.store, job.id, "preempting", job.attempts) > 0
+        )
+        if job.cancel_requested:
+            self._finish(job, "cancelled", {**detail, "by": "user"}, **common)
+        elif res == 0:
+            self._finish(job, "succeeded", detail, **common)
+        elif res == EXIT_PREEMPTED or (preempting and res in (-signal.SIGTERM, -signal.SIGKILL)):
+            jobs.transition(
+                self.store, job.id, "preempted", detail, expect=("running",), status="pending",
+                preemptions=job.preemptions + 1, **common,
+            )  # fmt: skip
+        else:
+            why = error or exit_text(res)
+            retries = jobs.count_events(self.store, job.id, "retrying")
+            if retries < job.max_retries:
+                delay_s = job.backoff_s * 2**retries
+                not_before = datetime.now(UTC) + timedelta(seconds=min(delay_s, 1e9))
+                jobs.transition(
+                    self.store, job.id, "retrying",
+                    {**detail, "error": why, "retry": retries + 1, "delay_s": delay_s},
+                    expect=("running",), status="pending", error=why, not_before=not_before, **common,
+                )  # fmt: skip
+            else:
+                self._finish(job, "failed", {**detail, "error": why}, error=why, **common)
+
+    def _finish(
+        self, job: JobInfo, status: str, detail: dict[str, Any], expect: str = "running", **values: Any
+    ) -> None:
+        jobs.transition(
+            self.store, job.id, status, detail, expect=(expect,), status=status, finished_at=utcnow(), **values
+        )

@@ -1,0 +1,107 @@
+"""Job records and the in-job helpers: validation names the field, each change is one row plus an event."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from aifab.errors import AifabError, NotFound
+from aifab.orchestrate import attempt, jobs
+from aifab.orchestrate.jobs import JobConflict, JobSpec
+from aifab.store import Store
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"command": []}, "command"),
+        ({"command": ["x"], "gpus": -1}, "gpus"),
+        ({"command": ["x"], "cpus": float("nan")}, "cpus"),
+        ({"command": ["x"], "project": "no spaces"}, "project"),
+        ({"command": ["x"], "kind": "party"}, "kind"),
+        ({"command": ["x"], "env": {"AIFAB_JOB_ID": "3"}}, "env"),
+        ({"command": ["x"], "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_spec_names_the_field(data: dict[str, object], field: str) -> None:
+    with pytest.raises(AifabError, match=f"job spec: {field}"):
+        JobSpec.parse(data)
+
+
+def test_submit_writes_a_pending_row_and_its_event(store: Store) -> None:
+    job_id = jobs.submit(store, JobSpec(command=["/bin/echo", "hi"], priority=3, project="research"))
+    info = jobs.get(store, job_id)
+    assert (info.status, info.name, info.priority, info.project, info.attempts) == ("pending", "echo", 3, "research", 0)
+    assert info.log_path == str(store.home / "jobs" / str(job_id) / "job.log")
+    assert [e["event"] for e in jobs.events(store, job_id)] == ["submitted"]
+    assert info.to_dict()["submitted_at"].startswith(str(info.submitted_at.year))
+
+
+def test_transition_only_from_the_expected_state(store: Store) -> None:
+    job_id = jobs.submit(store, JobSpec(command=["true"]))
+    assert not jobs.transition(store, job_id, "succeeded", expect=("running",), status="succeeded")
+    assert jobs.get(store, job_id).status == "pending"
+    assert jobs.transition(store, job_id, "placed", {"attempt": 1}, expect=("pending",), status="running")
+    assert jobs.get(store, job_id).status == "running"
+    assert [e["event"] for e in jobs.events(store, job_id)] == ["submitted", "placed"]
+
+
+def test_cancel_pending_running_and_finished(store: Store) -> None:
+    pending = jobs.submit(store, JobSpec(command=["true"]))
+    assert jobs.cancel(store, pending).status == "cancelled"
+    assert jobs.cancel(store, pending).status == "cancelled"  # again: a no-op
+    running = jobs.submit(store, JobSpec(command=["true"]))
+    jobs.transition(store, running, "placed", expect=("pending",), status="running")
+    info = jobs.cancel(store, running)
+    assert (info.status, info.cancel_requested) == ("running", True)  # the control plane stops it
+    done = jobs.submit(store, JobSpec(command=["true"]))
+    jobs.transition(store, done, "succeeded", status="succeeded")
+    with pytest.raises(JobConflict, match=f"job {done} already succeeded"):
+        jobs.cancel(store, done)
+    with pytest.raises(NotFound, match="unknown job 999"):
+        jobs.get(store, 999)
+
+
+def test_list_and_counts(store: Store) -> None:
+    ids = [jobs.submit(store, JobSpec(command=["true"], project=p)) for p in ("a", "b", "a")]
+    jobs.cancel(store, ids[0])
+    assert [j.id for j in jobs.list_jobs(store)] == ids
+    assert [j.id for j in jobs.list_jobs(store, ("pending",), project="a")] == [ids[2]]
+    assert [j.id for j in jobs.list_jobs(store, limit=2)] == ids[1:]
+    assert jobs.counts_by_status(store) == {"cancelled": 1, "pending": 2}
+
+
+def test_attempt_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("AIFAB_JOB_ID", "AIFAB_JOB_ATTEMPT", "AIFAB_JOB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    assert attempt.current() is None
+    with pytest.raises(AifabError, match="not inside a job"):
+        attempt.remember("k", 1)
+    monkeypatch.setenv("AIFAB_JOB_DIR", str(tmp_path / "job"))
+    monkeypatch.setenv("AIFAB_JOB_ID", "x")
+    with pytest.raises(AifabError, match="must be integers"):
+        attempt.current()
+    monkeypatch.setenv("AIFAB_JOB_ID", "7")
+    monkeypatch.setenv("AIFAB_JOB_ATTEMPT", "2")
+    assert attempt.current() == attempt.Attempt(7, 2, tmp_path / "job")
+    assert attempt.recall("run_id") is None
+    attempt.remember("run_id", "abc")
+    attempt.remember("step", 5)
+    assert (attempt.recall("run_id"), attempt.recall("step")) == ("abc", 5)
+    attempt.write_result({"digest": "d"})
+    assert attempt.read_json(tmp_path / "job" / attempt.RESULT_FILE) == {"digest": "d"}
+    with pytest.raises(AifabError, match="JSON object"):
+        attempt.write_result(["not", "a", "dict"])  # type: ignore[arg-type]
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["result.json", "state.json"]  # no temp left
+
+
+def test_preemption_check_turns_sigterm_into_a_stop_reason() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        check = attempt.preemption_check()
+        assert check() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert check() == "preempted"
+    finally:
+        signal.signal(signal.SIGTERM, before)
