@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from aifab.errors import SpecError
 from aifab.store.names import NAME_RE
@@ -166,6 +176,169 @@ class MeterSpec(_Section):
     capex_usd_per_device_hour: float = Field(default=0.0, ge=0)
 
 
+# ---- orchestration: the pipeline's stages and the pool they share -------------------------------------------
+
+STAGE_USES = ("data", "train", "evaluate", "register", "command")
+# what `with:` may set for each built-in stage: the spec sections it overrides (a key of the section, or the
+# section itself as a nested mapping), plus the stage's own keys
+_WITH_SECTIONS: dict[str, dict[str, type["_Section"]]] = {}  # filled below, once the section classes exist
+_WITH_OWN: dict[str, dict[str, Any]] = {
+    "data": {"dataset": str},
+    "train": {},
+    "evaluate": {},
+    "register": {"name": str, "aliases": list},
+    "command": {},
+}
+
+
+class ResourcesSpec(_Section):
+    """What one attempt of a stage holds while it runs. A GPU stage gets whole GPUs, pinned by index."""
+
+    gpus: int = Field(default=0, ge=0, le=1024)
+    cpus: float = Field(default=1.0, gt=0, le=4096)
+    memory_gb: float = Field(default=1.0, gt=0, le=65536)
+
+
+class StageSpec(_Section):
+    """One node of the pipeline DAG. `uses` says what it runs; `with` overrides that stage's spec sections."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+    uses: str = Field(description="data | train | evaluate | register | command")
+    needs: list[str] = Field(default_factory=list, description="Stages that must finish first.")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Parameter overrides.")
+    run: list[str] | None = Field(default=None, description="argv of a `uses: command` stage.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the stage's process.")
+    deps: list[str] = Field(
+        default_factory=list, description="Files or directories whose fingerprint is part of the stage's key."
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    retries: int | None = Field(default=None, ge=0, le=100, description="Default: orchestration.retries.")
+    backoff_s: float | None = Field(default=None, ge=0, le=86400, description="Default: orchestration.backoff_s.")
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    project: str | None = Field(default=None, pattern=NAME_RE.pattern, description="Default: orchestration.project.")
+    cache: bool = Field(default=True, description="false: run every time, never skipped.")
+
+    # `with`, validated against the sections it overrides and normalised (data paths resolved), by section
+    _overrides: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("uses")
+    @classmethod
+    def _known_uses(cls, uses: str) -> str:
+        if uses not in STAGE_USES:
+            raise ValueError(f"unknown uses {uses!r}: choose one of {', '.join(STAGE_USES)}")
+        return uses
+
+    @field_validator("deps")
+    @classmethod
+    def _deps_exist(cls, deps: list[str], info: ValidationInfo) -> list[str]:
+        return [resolve_source(d, Path((info.context or {}).get("base", "."))) for d in deps]
+
+    @model_validator(mode="after")
+    def _check_with(self, info: ValidationInfo) -> "StageSpec":
+        if self.uses == "command":
+            if not self.run:
+                raise ValueError("a `uses: command` stage needs `run:`, the command's argv as a list")
+            self._overrides = dict(self.with_)
+            return self
+        if self.run is not None:
+            raise ValueError(f"`run:` belongs to `uses: command` stages, not `uses: {self.uses}`")
+        sections, own = _WITH_SECTIONS[self.uses], _WITH_OWN[self.uses]
+        # the first section's keys are given flat (`with: {steps: 200}`), the others nested (`model: {...}`)
+        main = next(iter(sections), None)
+        flat: dict[str, Any] = {}
+        nested: dict[str, Any] = {}
+        for key, value in self.with_.items():
+            if key in own:
+                if not isinstance(value, own[key]) or (own[key] is list and not all(isinstance(v, str) for v in value)):
+                    raise ValueError(f"with.{key}: expected a {own[key].__name__} of names (got {value!r})")
+                for name in value if isinstance(value, list) else [value]:
+                    if not NAME_RE.fullmatch(name):
+                        raise ValueError(f"with.{key}: invalid name {name!r}")
+                nested[key] = value
+            elif key in sections and key != main:
+                nested[key] = _validate_part(sections[key], value, f"with.{key}", info)
+            elif main is not None and key in sections[main].model_fields:
+                flat[key] = value
+            else:
+                known = [*(sections[main].model_fields if main else ()), *own, *(k for k in sections if k != main)]
+                raise ValueError(f"with.{key}: unknown key for `uses: {self.uses}` (known: {', '.join(known)})")
+        if main is not None and flat:
+            nested[main] = _validate_part(sections[main], flat, "with", info)
+        self._overrides = nested
+        return self
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """`with`, validated and normalised: {section: {key: value}} for built-in stages (only the keys set)."""
+        return self._overrides
+
+
+def _validate_part(section: type["_Section"], value: Any, where: str, info: ValidationInfo) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mapping (got {value!r})")
+    try:
+        part = section.model_validate(value, context=info.context)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in (where, *first["loc"]))
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        shown = first.get("input")
+        plain = shown is not None and not isinstance(shown, dict | list) and repr(shown) not in msg
+        got = f" (got {shown!r})" if plain else ""
+        raise ValueError(f"{key}: {msg}{got}") from None
+    dumped: dict[str, Any] = part.model_dump(exclude_unset=True)
+    return dumped
+
+
+class PoolNodeSpec(_Section):
+    """One machine of the pool, instead of the one the control plane finds itself on."""
+
+    name: str = Field(pattern=NAME_RE.pattern)
+    gpus: int = Field(default=0, ge=0, le=1024)
+    cpus: float = Field(gt=0)
+    memory_gb: float = Field(gt=0)
+
+
+class QuotaSpec(_Section):
+    """The most a project may hold at once; null means no limit on that resource."""
+
+    gpus: int | None = Field(default=None, ge=0)
+    cpus: float | None = Field(default=None, ge=0)
+    memory_gb: float | None = Field(default=None, ge=0)
+
+
+class OrchestrationSpec(_Section):
+    policy: Literal["fifo", "priority-fair", "default"] = "default"
+    retries: int = Field(default=2, ge=0, le=100, description="Retries of a failed stage, unless it sets its own.")
+    backoff_s: float = Field(default=5.0, ge=0, le=86400, description="Wait before a retry, unless a stage says.")
+    project: str = Field(default="default", pattern=NAME_RE.pattern, description="Project of stages that name none.")
+    quotas: dict[str, QuotaSpec] | None = Field(default=None, description="Per project; null: no quotas.")
+    weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, description="Fair-share weight per project (default 1); null: all equal."
+    )
+    pool: list[PoolNodeSpec] | None = Field(default=None, description="null: this machine.")
+
+    @field_validator("quotas", "weights")
+    @classmethod
+    def _project_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in value or {}:
+            if not NAME_RE.fullmatch(name):
+                raise ValueError(f"invalid project name {name!r}")
+        return value
+
+    @field_validator("pool")
+    @classmethod
+    def _unique_nodes(cls, pool: list[PoolNodeSpec] | None) -> list[PoolNodeSpec] | None:
+        names = [n.name for n in pool or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"node {dupes[0]!r} is listed twice")
+        if pool is not None and not pool:
+            raise ValueError("an empty pool can run nothing: list at least one node, or drop `pool:`")
+        return pool
+
+
 class FactorySpec(_Section):
     name: str = Field(default="demo", pattern=NAME_RE.pattern, description="Name of the model to register.")
     data: DataSpec = Field(default_factory=DataSpec)
@@ -176,6 +349,34 @@ class FactorySpec(_Section):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     budgets: BudgetsSpec = Field(default_factory=BudgetsSpec)
     meter: MeterSpec = Field(default_factory=MeterSpec)
+    orchestration: OrchestrationSpec = Field(default_factory=OrchestrationSpec)
+    stages: dict[str, StageSpec] | None = Field(
+        default=None, description="The pipeline's DAG; null runs the line: data -> train -> evaluate -> register."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages: dict[str, StageSpec] | None) -> dict[str, StageSpec] | None:
+        if stages is not None and not stages:
+            raise ValueError("`stages:` is empty: list at least one stage, or drop the section")
+        for name in stages or {}:
+            if not NAME_RE.fullmatch(name):
+                raise ValueError(
+                    f"invalid stage name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter"
+                    " or digit"
+                )
+        return stages
+
+
+_WITH_SECTIONS.update(
+    {
+        "data": {"data": DataSpec, "tokenizer": TokenizerSpec},
+        "train": {"training": TrainingSpec, "model": ModelSpec},
+        "evaluate": {"evaluation": EvaluationSpec},
+        "register": {},
+        "command": {},
+    }
+)
 
 
 def load_spec(path: str | Path) -> FactorySpec:
@@ -356,4 +557,25 @@ meter:
   grid_co2_g_per_kwh: 373.0
   pue: 1.0
   capex_usd_per_device_hour: 0.0  # hardware price over its life; e.g. an H100 at $50k over 5 years is 1.14
+
+orchestration:
+  # How `aifab run` schedules its stages' jobs: fifo, priority-fair, or default (priority-fair plus
+  # least-attained-service).
+  policy: default
+  # A failed stage is retried this often, after backoff_s seconds (doubling each retry), unless it sets its own.
+  retries: 2
+  backoff_s: 5.0
+  # Project of stages that name none: quotas and fair share are per project.
+  project: default
+  # Per project, the most it may hold at once, e.g. {research: {gpus: 2, cpus: 16, memory_gb: 64}}.
+  quotas: null
+  # Fair-share weight per project (default 1), e.g. {research: 2, serving: 1}.
+  weights: null
+  # The machines to schedule on, e.g. [{name: box, gpus: 1, cpus: 8, memory_gb: 32}]; null: this machine.
+  pool: null
+
+# The pipeline `aifab run` executes: a DAG of named stages, each `uses: data | train | evaluate | register |
+# command` with `needs`, `with` (overrides of its sections), `resources`, `retries`, `priority`... (see
+# docs/pipelines.md). null: the line, data -> train -> evaluate -> register.
+stages: null
 """
