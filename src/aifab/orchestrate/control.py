@@ -264,14 +264,14 @@ class ControlPlane:
                 return
             runs = [
                 Running(
-                    self._view(j, now_s),
+                    self._view(j),
                     placement_of(j),
                     j.started_at.timestamp() if j.started_at else now_s,
                     stopping=j.id in self._stopping,
                 )
                 for j in running
             ]
-            views = [self._view(j, now_s) for j in pending]
+            views = [self._view(j) for j in pending]
             try:
                 state = ClusterState.build(self.nodes, views, runs, self.quotas, self.weights, now_s)
             except ValueError as e:  # e.g. restarted with fewer nodes than running jobs were placed on
@@ -286,10 +286,8 @@ class ControlPlane:
     # -- one round's parts --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _view(job: JobInfo, now_s: float) -> JobView:
-        attained = job.attained_gpu_s
-        if job.status == "running" and job.started_at is not None:
-            attained += job.gpus * max(0.0, now_s - job.started_at.timestamp())
+    def _view(job: JobInfo) -> JobView:
+        # finished attempts only: for a running job the policy adds the current attempt (policy.attained_now)
         return JobView(
             id=job.id,
             project=job.project,
@@ -298,7 +296,7 @@ class ControlPlane:
             request=request_of(job),
             preemptible=job.preemptible,
             submitted_s=job.submitted_at.timestamp(),
-            attained_gpu_s=attained,
+            attained_gpu_s=job.attained_gpu_s,
         )
 
     def _start(self, job: JobInfo, placement: Placement) -> None:
