@@ -18,7 +18,7 @@ from aifab.spec import DataSpec, TrainingSpec
 from aifab.store import Store
 from aifab.store.schema import Run, RunMetric
 from aifab.train.checkpoint import MARKER, checkpoints
-from aifab.train.trainer import resume, train
+from aifab.train.trainer import PREEMPTED, resume, train
 from helpers import TINY_MODEL, TINY_TOKENIZER, aifab, cli_env, write_corpus
 
 STEPS = TrainingSpec(
@@ -74,6 +74,28 @@ def test_a_crashed_run_resumes_to_the_same_losses_and_weights(store: Store, data
         run = s.get(Run, run_id)
         assert run is not None and run.status == "completed" and run.error is None
     assert [step for step, _ in checkpoints(store.work_dir("runs", run_id, "checkpoints"))] == [15, 20, 23]
+
+
+def test_a_preempted_run_names_itself_at_once_and_resumes_where_it_stopped(store: Store, dataset: int) -> None:
+    """Preemption (the control plane wants the devices): the stop saves a checkpoint, the run is `preempted`,
+    not completed, and resuming it finishes the same run. `on_run` names the run before the first step."""
+    named: list[str] = []
+    calls = iter(range(10_000))
+    stopped = train(
+        store, dataset, TINY_MODEL, STEPS, stop_check=lambda: PREEMPTED if next(calls) >= 7 else None,
+        on_run=named.append,
+    )  # fmt: skip
+    assert named == [stopped.run_id] and stopped.stopped_by == PREEMPTED and stopped.steps == 7
+    with store.db.session() as s:
+        run = s.get(Run, stopped.run_id)
+        assert run is not None and run.status == PREEMPTED
+    again: list[str] = []
+    r = resume(store, stopped.run_id, on_run=again.append)
+    assert again == [stopped.run_id] and r.run_id == stopped.run_id and r.steps == 23
+    assert [s for s, _ in history(store, r.run_id)["train_loss"]] == list(range(1, 24))
+    with store.db.session() as s:
+        run = s.get(Run, r.run_id)
+        assert run is not None and run.status == "completed"
 
 
 def test_a_torn_newest_checkpoint_falls_back_to_the_previous(

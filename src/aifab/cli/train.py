@@ -3,16 +3,13 @@
 import contextlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 from pydantic import ValidationError
-from sqlalchemy import select
 
 from aifab.cli.common import app, open_store, out
 from aifab.cli.data import resolve_dataset
@@ -21,7 +18,7 @@ from aifab.orchestrate import attempt
 from aifab.spec import FactorySpec, ModelSpec, TrainingSpec, load_spec
 from aifab.store import Store
 from aifab.store.names import check_name
-from aifab.store.schema import Run, utcnow
+from aifab.store.schema import Run
 
 
 def model_spec(value: str) -> ModelSpec:
@@ -67,7 +64,7 @@ def train_command(
     from aifab.nn.config import LoraConfig
     from aifab.registry.models import register, resolve
     from aifab.train.engines import ENGINES, run_on_ray
-    from aifab.train.trainer import FineTune, train
+    from aifab.train.trainer import PREEMPTED, FineTune, train
     from aifab.train.trainer import resume as resume_run
 
     check_name(name, "model name")
@@ -83,6 +80,7 @@ def train_command(
     in_job = engine == "local" and attempt.current() is not None and os.environ.get("RANK", "0") == "0"
     stop_check = attempt.preemption_check() if in_job else _never
     continued = _job_run(store) if in_job and resume is None else None
+    on_run = partial(attempt.remember, "run_id") if in_job else None  # a later attempt resumes this run
     base_id = None
     generation: dict[str, Any] = {}  # a fine-tune generates like its base (BOS/EOS, chat template)
     if resume is not None:
@@ -101,10 +99,10 @@ def train_command(
         ]
         if given:
             raise AifabError(f"--resume continues the run's own dataset, model and settings; drop {', '.join(given)}")
-        job = partial(resume_run, run_id=resume, steps=steps, seconds=seconds, stop_check=stop_check)
+        job = partial(resume_run, run_id=resume, steps=steps, seconds=seconds, stop_check=stop_check, on_run=on_run)
     elif continued is not None:  # the run's own dataset, model and budget; the command's options made it
         out.print(f"resuming run {continued} (started by an earlier attempt of this job) from its newest checkpoint")
-        job = partial(resume_run, run_id=continued, stop_check=stop_check)
+        job = partial(resume_run, run_id=continued, stop_check=stop_check, on_run=on_run)
     else:
         if dataset is None:
             raise AifabError("--dataset is required (or --resume RUN)")
@@ -134,11 +132,10 @@ def train_command(
             except ValueError as e:
                 raise AifabError(str(e)) from None
             fine_tune = FineTune(f"{mv.name}:{mv.version}", mv.weights_digest, mv.tokenizer_digest, lora)
-        if in_job:
-            stop_check = _remembering_run(store, stop_check, ds.id)
         job = partial(
-            train, dataset_version_id=ds.id, model_spec=mspec, cfg=training, base=fine_tune, stop_check=stop_check
-        )
+            train, dataset_version_id=ds.id, model_spec=mspec, cfg=training, base=fine_tune, stop_check=stop_check,
+            on_run=on_run,
+        )  # fmt: skip
     if engine == "ray":
         out.print(f"training on Ray Train with {workers} workers")
         result = run_on_ray(store, job, workers)
@@ -146,18 +143,12 @@ def train_command(
         result = job(store)
     if _finish_process_group():  # under torchrun, rank 0 alone registers and reports
         return
-    if in_job:
-        attempt.remember("run_id", result.run_id)
-        if result.stopped_by == "preempted":
-            with store.db.session() as s:  # resumable: the trainer marks a run that stopped "completed"
-                run = s.get(Run, result.run_id)
-                if run is not None:
-                    run.status = "preempted"
-            out.print(
-                f"run {result.run_id} preempted at step {result.steps}; its checkpoint is kept and the next attempt "
-                "resumes it"
-            )
-            raise typer.Exit(attempt.EXIT_PREEMPTED)
+    if in_job and result.stopped_by == PREEMPTED:  # the trainer left the run checkpointed and resumable
+        out.print(
+            f"run {result.run_id} preempted at step {result.steps}; its checkpoint is kept and the next attempt "
+            "resumes it"
+        )
+        raise typer.Exit(attempt.EXIT_PREEMPTED)
     with store.db.session() as s:
         run = s.get(Run, result.run_id)
         dataset_version_id = run.dataset_version_id if run is not None else None
@@ -202,35 +193,6 @@ def _job_run(store: Store) -> str | None:
     with store.db.session() as s:
         run = s.get(Run, run_id)
         return run_id if run is not None and run.status != "completed" else None
-
-
-def _remembering_run(
-    store: Store, check: Callable[[], str | None], dataset_version_id: int
-) -> Callable[[], str | None]:
-    """`check`, which on its first call (inside the training loop, so the run exists) remembers this job's run
-    for a later attempt. The trainer does not name its run before it returns, so this finds the newest running
-    run on the dataset that started after this process."""
-    since = utcnow() - timedelta(seconds=1)
-    looked = False
-
-    def stop() -> str | None:
-        nonlocal looked
-        if not looked:
-            looked = True
-            with store.db.session() as s:
-                run_id = s.scalar(
-                    select(Run.id)
-                    .where(
-                        Run.status == "running", Run.dataset_version_id == dataset_version_id, Run.created_at >= since
-                    )
-                    .order_by(Run.created_at.desc())
-                    .limit(1)
-                )
-            if run_id is not None:
-                attempt.remember("run_id", run_id)
-        return check()
-
-    return stop
 
 
 def _finish_process_group() -> bool:

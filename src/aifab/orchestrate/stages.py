@@ -15,9 +15,8 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
-
-from sqlalchemy import select
 
 from aifab.errors import AifabError
 from aifab.orchestrate import attempt
@@ -74,26 +73,19 @@ def _data(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
 
 def _train(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
     from aifab.spec import BudgetsSpec, ModelSpec, TrainingSpec
-    from aifab.train.trainer import resume, train
+    from aifab.train.trainer import PREEMPTED, resume, train
 
     p, data = task["params"], upstream(task, "data")
     training, budgets = TrainingSpec.model_validate(p["training"]), BudgetsSpec.model_validate(p["budgets"])
     in_job = attempt.current() is not None
     preempted = attempt.preemption_check() if in_job else (lambda: None)
-    stopped_for: list[str] = []
     run_id: str | None = attempt.recall("run_id") if in_job else None
-    known = _running_runs(store, data["dataset_version_id"])
+    on_run = partial(attempt.remember, "run_id") if in_job else None  # a retry resumes this run
     start_j = meter.sampler.energy_j()
 
     def stop_check() -> str | None:
-        nonlocal run_id
-        if run_id is None and in_job:  # the first step: the run row exists now; keep its id for a retry
-            run_id = _new_run(store, data["dataset_version_id"], known)
-            if run_id is not None:
-                attempt.remember("run_id", run_id)
         reason = preempted()
         if reason:
-            stopped_for.append(reason)
             return reason
         spent_j = meter.spent_j(start_j)
         if budgets.energy_j is not None and spent_j >= budgets.energy_j:
@@ -106,16 +98,12 @@ def _train(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
     with meter.measure("train", "run") as charge:
         if run_id is not None and (resumed_from_step := _resumable(store, run_id)):
             print(f"stage {task['stage']!r}: resuming run {run_id} from step {resumed_from_step}", file=sys.stderr)
-            tr = resume(store, run_id, stop_check)
+            tr = resume(store, run_id, stop_check, on_run=on_run)
         else:
-            tr = train(store, data["dataset_version_id"], ModelSpec.model_validate(p["model"]), training, stop_check)
+            model = ModelSpec.model_validate(p["model"])
+            tr = train(store, data["dataset_version_id"], model, training, stop_check, on_run=on_run)
         charge.subject_id, charge.tokens_in = tr.run_id, tr.tokens
-    if stopped_for:
-        # the trainer saved a checkpoint and called the run completed; it is not: reopen it for the next attempt
-        with store.db.session() as s:
-            run = s.get(Run, tr.run_id)
-            assert run is not None
-            run.status, run.error = "failed", f"{stopped_for[0]} at step {tr.steps}; resumes when rescheduled"
+    if tr.stopped_by == PREEMPTED:  # the trainer checkpointed and left the run resumable
         raise Preempted(tr.run_id)
     return {
         "run_id": tr.run_id,
@@ -132,22 +120,6 @@ def _train(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
         "val_loss_initial": tr.val_loss_initial,
         "val_loss_final": tr.val_loss_final,
     }
-
-
-def _running_runs(store: Store, dataset_version_id: int) -> set[str]:
-    with store.db.session() as s:
-        q = select(Run.id).where(Run.dataset_version_id == dataset_version_id, Run.status == "running")
-        return set(s.scalars(q))
-
-
-def _new_run(store: Store, dataset_version_id: int, known: set[str]) -> str | None:
-    """The run train() just created: the one new running run on this dataset (None if that is ambiguous, e.g.
-    two identical stages of two pipelines starting at once; then a retry starts over instead of resuming)."""
-    fresh = _running_runs(store, dataset_version_id) - known
-    if len(fresh) == 1:
-        return fresh.pop()
-    print(f"cannot tell this stage's run among {sorted(fresh)}; a retry will start over", file=sys.stderr)
-    return None
 
 
 def _resumable(store: Store, run_id: str) -> int:

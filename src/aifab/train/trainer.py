@@ -5,7 +5,8 @@ Contract of `train()`: it creates a `runs` row (status running), logs the per-st
 and at the end (resumable ones under the run's work dir, see checkpoint.py, plus the weights in the
 artifact store), and marks the run completed; on any error the run is marked failed with the message and
 the error propagates. The budget ends the run: `steps`, `seconds`, or `stop_check()` returning a reason
-(the caller's energy or cost budget), whichever comes first.
+(the caller's energy or cost budget), whichever comes first. A run stopped for the reason `PREEMPTED` (the
+control plane wants its devices back) is marked `preempted` instead: checkpointed, and resumable later.
 """
 
 import json
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from aifab.train.parallel import Group, Strategy
 
 METRIC_FLUSH_STEPS = 10  # rows are batched so the DB sees one commit per 10 steps, not one per step
+PREEMPTED = "preempted"  # the stop_check reason, and the status, of a run stopped to give its devices back
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,11 @@ def train(
     resume_run_id: str | None = None,
     keep_last: int = KEEP_LAST,
     base: FineTune | None = None,
+    on_run: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a new run, or with `resume_run_id` continue that run from its newest complete checkpoint.
+    `on_run(run_id)` is called once the run's row exists, before the first step (a job remembers its run so
+    that a later attempt can resume it).
 
     From scratch, the model is `model_spec` over the dataset's vocabulary. With `base`, it is that registered
     model's weights (LoRA adapters on top when `base.lora` is set) and `model_spec.context_len`, if set, is the
@@ -198,6 +203,8 @@ def train(
             s.flush()
             link(s, ("dataset", dataset_version_id), ("run", run_id), "input")
     run_id = parallel.from_main(group, run_id if group.main or resumed is not None else None)
+    if on_run is not None and group.main:
+        on_run(run_id)
     try:
         torch.manual_seed(cfg.seed)
         # the processes on one node share its cores
@@ -237,7 +244,8 @@ def train(
         with store.db.session() as s:
             run = s.get(Run, run_id)
             assert run is not None
-            run.status, run.ended_at, run.elapsed_s = "completed", utcnow(), elapsed_s
+            run.status = PREEMPTED if summary["stopped_by"] == PREEMPTED else "completed"
+            run.ended_at, run.elapsed_s = utcnow(), elapsed_s
             run.checkpoint_digest, run.summary = digest, summary
     parallel.barrier(group)
     return TrainResult(
@@ -281,6 +289,7 @@ def resume(
     steps: int | None = None,
     seconds: float | None = None,
     keep_last: int = KEEP_LAST,
+    on_run: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Continue run `run_id` with its own dataset, model and training spec; `steps`/`seconds` replace its
     budget (the lr schedule follows the new budget, so only an unchanged budget resumes bit-exactly)."""
@@ -292,7 +301,9 @@ def resume(
     cfg = TrainingSpec.model_validate(params["training"])
     if steps is not None or seconds is not None:
         cfg = cfg.model_copy(update={"steps": steps, "seconds": seconds})
-    return train(store, int(params["dataset_version_id"]), ModelSpec(), cfg, stop_check, run_id, keep_last)
+    return train(
+        store, int(params["dataset_version_id"]), ModelSpec(), cfg, stop_check, run_id, keep_last, on_run=on_run
+    )
 
 
 def _reopen(
