@@ -313,3 +313,54 @@ def test_a_train_stage_killed_mid_run_is_retried_and_resumes_its_run_from_the_ch
     assert steps == list(range(1, CRASH_STEPS + 1))  # every step once: none lost, none doubled
     log = (job_dir(store.home, job.id) / "job.log").read_text()
     assert f"resuming run {run_row.id} from step {train.outputs['resumed_from_step']}" in log
+
+
+# ---- against a running controller -----------------------------------------------------------------------------
+
+TWO_STEPS = """
+name: two-steps
+stages:
+  first:  {{uses: command, run: [{py}, -c, "print('first')"]}}
+  second: {{uses: command, needs: [first], run: [{py}, -c, "print('second')"]}}
+"""
+
+
+def test_aifab_run_submits_to_the_running_controller(tmp_path: Path) -> None:
+    """While `aifab controller` holds the store, `aifab run` sends its stages to it (an embedded control plane
+    could not take the store's lock); the second run skips both stages."""
+    import subprocess
+
+    from aifab.orchestrate.service import CONTROLLER_FILE
+    from helpers import cli_env
+
+    home = tmp_path / "home"
+    factory = tmp_path / "factory.yaml"
+    factory.write_text(TWO_STEPS.format(py=sys.executable))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aifab", "controller", "--port", "0"],
+        env=cli_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (home / CONTROLLER_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (home / CONTROLLER_FILE).exists(), "the controller did not start"
+        first = aifab("run", str(factory), "--json", home=home)
+        assert first.returncode == 0, first.stderr
+        assert {s["stage"]: s["status"] for s in json.loads(first.stdout.splitlines()[-1])["stages"]} == {
+            "first": "ran",
+            "second": "ran",
+        }
+        again = aifab("run", str(factory), "--json", home=home)
+        assert again.returncode == 0, again.stderr
+        assert {s["status"] for s in json.loads(again.stdout.splitlines()[-1])["stages"]} == {"skipped"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    store = Store(home)
+    try:
+        with store.db.session() as s:
+            logs = [Path(j.log_path or "").read_text() for j in s.scalars(select(Job).order_by(Job.id))]
+    finally:
+        store.close()
+    assert len(logs) == 2 and "first" in logs[0] and "second" in logs[1]

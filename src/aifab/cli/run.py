@@ -34,7 +34,7 @@ def run_command(
     if dry_run:
         report = plan(store, pipeline, force or ())
     else:
-        with control_plane(store, spec) as control:
+        with remote_control(store) or control_plane(store, spec) as control:
             report = run_pipeline(store, pipeline, control, force or ())
     out.print(summary_table(report.to_dict(), dry_run))
     if as_json:
@@ -54,6 +54,51 @@ def control_plane(store: Any, spec: Any) -> Any:
     orch = spec.orchestration
     quotas = {p: Resources(q.gpus or 0, q.cpus or 0.0, q.memory_gb or 0.0) for p, q in (orch.quotas or {}).items()}
     return ControlPlane(store, nodes=pool_nodes(spec), policy=orch.policy, quotas=quotas or None, weights=orch.weights)
+
+
+class RemoteControl:
+    """The pipeline's control plane when an `aifab controller` serves this store (it holds the store's lock, so
+    no embedded one may run): stages go to its HTTP API and share its pool with every other job. Its pool,
+    policy, quotas and weights are the controller's own, not factory.yaml's `orchestration:`."""
+
+    POLL_S = 0.5
+
+    def __init__(self, client: Any) -> None:
+        from aifab.orchestrate.policy import Node
+
+        self.client = client
+        health = client.call("GET", "/healthz")
+        self.nodes = [
+            Node(n["name"], tuple(range(int(n["gpus"]))), float(n["cpus"]), float(n["memory_gb"]))
+            for n in health.get("nodes", [])
+        ]
+
+    def submit(self, spec: Any) -> int:
+        return int(self.client.call("POST", "/v1/jobs", json=spec.model_dump())["id"])
+
+    def wait(self, job_id: int) -> Any:
+        import time
+        from types import SimpleNamespace
+
+        while True:
+            job = self.client.call("GET", f"/v1/jobs/{job_id}")
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return SimpleNamespace(**{k: job.get(k) for k in ("id", "status", "result", "error")})
+            time.sleep(self.POLL_S)
+
+    def __enter__(self) -> "RemoteControl":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+
+def remote_control(store: Any) -> RemoteControl | None:
+    """The running controller of this store (AIFAB_CONTROL_URL, or the one its controller.json names), if any."""
+    from aifab.cli.jobs import _client
+
+    client = _client(store)
+    return None if client is None else RemoteControl(client)
 
 
 def summary_table(report: dict[str, Any], dry_run: bool) -> Table:
