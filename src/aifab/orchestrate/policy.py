@@ -18,12 +18,17 @@ Policies (`make_policy`):
 - `fifo`: arrival order; the first job that does not fit blocks everything behind it. Spreads jobs over nodes.
 - `priority-fair`: higher priority first; within a priority, the project furthest below its fair share first
   (weighted dominant share: max of held GPU and CPU fractions of the pool, divided by the project's weight);
-  quotas; backfill of later jobs that fit; preemption of lower-priority preemptible jobs. Spreads jobs.
+  quotas; backfill of later jobs that fit; preemption of lower-priority preemptible jobs. It packs jobs onto
+  the fullest node that fits, keeping whole nodes free for gangs (spreading them instead, as Kubernetes does by
+  default, left GPU fragments no multi-GPU job could use: on the 100k-job trace its average JCT was 1.09x
+  FIFO's, against 0.13x when packing).
 - `default`: `priority-fair` plus least-attained-service (Tiresias-style, no duration estimates needed): within a
   priority, jobs sit in discrete queues by the GPU-seconds they have already run (`LAS_LIMITS_GPU_S`); a lower
   queue goes first and may preempt jobs of a higher queue that have run at least `LAS_MIN_RUN_S` this attempt.
   Heavy-tailed run times make this shorten the average completion time: a job that has run long is likely to
-  run long still. It packs jobs onto the fullest node that fits, keeping whole nodes free for gangs.
+  run long still. It pays off when the cluster is oversubscribed: on the synthetic Philly-shaped trace
+  (benchmarks/schedule.py --quick) at offered load 1.0 it matches `priority-fair`, and at load 1.5 its average
+  JCT is 1.76 h against 3.83 h.
 """
 
 from __future__ import annotations
@@ -643,7 +648,7 @@ def _preempts(victims: list[tuple[Running, str]]) -> list[Decision]:
 
 POLICIES = {
     "fifo": lambda: Scheduler("fifo", fair=False, las=False, preempt=False, pack=False),
-    "priority-fair": lambda: Scheduler("priority-fair", fair=True, las=False, preempt=True, pack=False),
+    "priority-fair": lambda: Scheduler("priority-fair", fair=True, las=False, preempt=True, pack=True),
     "default": lambda: Scheduler("default", fair=True, las=True, preempt=True, pack=True),
 }
 
