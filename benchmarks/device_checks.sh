@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go: the GPU-marked tests, then the serving and training benchmarks.
-# Usage: bash benchmarks/device_checks.sh [tests] [decode] [serve] [train]   (default: tests serve train)
+# Usage: bash benchmarks/device_checks.sh [tests] [decode] [meter] [serve] [train]   (default: tests serve train)
 # Logs go to $OUT (or ./device-out). On a machine without aifab's dependencies, wheels in .whl/ are installed
 # into /tmp/site first. Each part has its own time limit so one slow part cannot eat the others.
 set -u
@@ -30,13 +30,17 @@ for part in $parts; do
       timeout ${SERVE_TIMEOUT_S:-330} python3 benchmarks/serve.py --gpu --levels 1,16 --hf-levels 16 --rounds 1 \
         --max-tokens 64 $flags 2>&1 | tee "$OUT/serve.log"
       ;;
+    meter)
+      timeout ${METER_TIMEOUT_S:-150} python3 benchmarks/meter.py --gpu --requests 32 --max-tokens 128 --rounds 2 \
+        2>&1 | tee "$OUT/meter.log"
+      ;;
     decode)
       timeout ${DECODE_TIMEOUT_S:-200} python3 benchmarks/decode_step.py 2>&1 | tee "$OUT/decode.log"
       ;;
     train)
       timeout ${TRAIN_TIMEOUT_S:-300} python3 benchmarks/train.py --gpu 2>&1 | tee "$OUT/train.log"
       ;;
-    *) echo "unknown part $part (tests, decode, serve, train)"; exit 2 ;;
+    *) echo "unknown part $part (tests, decode, meter, serve, train)"; exit 2 ;;
   esac
   echo "== $part took $(( $(date +%s) - start )) s"
 done

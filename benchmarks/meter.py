@@ -11,6 +11,10 @@ Training attributes energy per stage (two counter reads per run) plus the budget
 counter once per step; `--train` adds the same comparison for a short CPU training run with and without that
 per-step read.
 
+`--gpu`: the same comparison on a CUDA device, with the TinyLlama 1.1B shape in bf16 (decode steps replayed
+from CUDA graphs, energy from NVML); it also reports `sampler_read_us`, the median time of one counter read.
+A step of a few ms that reads the counter twice is where a slow read would show.
+
 Last line JSON:
 - overhead_ratio: serving wall time with the real meter / without (1.0 = free; the target is under 1.01).
 - balance_error: |requests + idle - counter difference| / counter difference over the metered runs (0 up to
@@ -29,6 +33,10 @@ import time
 from typing import Any
 
 SHAPE = {"vocab_size": 4096, "n_layer": 4, "n_head": 6, "d_model": 384, "context_len": 512}
+GPU_SHAPE = {
+    "vocab_size": 32000, "n_layer": 22, "n_head": 32, "n_kv_heads": 4, "d_model": 2048, "ffn_hidden": 5632,
+    "context_len": 2048, "tie_embeddings": False,
+}  # fmt: skip
 
 
 class NullMeter:
@@ -98,6 +106,18 @@ def train_once(store: Any, dataset_id: int, read_each_step: bool, steps: int) ->
     return time.perf_counter() - t0
 
 
+def read_us(sampler: Any, n: int = 200) -> float:
+    """Median microseconds of one `energy_j()` read."""
+    import statistics
+
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sampler.energy_j()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=48)
@@ -105,6 +125,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train", action="store_true", help="also measure the per-step budget read in training")
+    ap.add_argument("--gpu", action="store_true", help="CUDA: TinyLlama 1.1B shape in bf16, NVML")
     args = ap.parse_args()
     os.environ.setdefault("AIFAB_NO_PROGRESS", "1")
 
@@ -117,9 +138,14 @@ def main() -> None:
     from aifab.serve.metering import ServeMeter
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**SHAPE)).eval()
+    shape = GPU_SHAPE if args.gpu else SHAPE
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit(f"--gpu needs a CUDA device; torch {torch.__version__} sees none")
+    model = Transformer(ModelConfig.from_dict(shape)).eval()
+    if args.gpu:
+        model = model.to(device="cuda", dtype=torch.bfloat16)
     tok = Tokenizer(models.BPE())  # the engine decodes text; an empty vocabulary decodes to ""
-    lm = LoadedModel("bench:1", frozenset({"bench:1"}), model, tok, 0, SHAPE["context_len"], 0, prefix_ids=(0,))
+    lm = LoadedModel("bench:1", frozenset({"bench:1"}), model, tok, 0, shape["context_len"], 0, prefix_ids=(0,))
     serve_once(lm, NullMeter(), 4, 4, args.max_batch)  # warm-up
     best = {"metered": float("inf"), "null": float("inf")}
     errors, meter = [], None
@@ -139,6 +165,7 @@ def main() -> None:
         "sampler": meter.sampler.name,
         "estimated": meter.estimated,
         "serve_tokens_per_s": round(args.requests * args.max_tokens / best["metered"], 1),
+        "sampler_read_us": round(read_us(meter.sampler), 1),
     }
     if args.train:
         from aifab.store import Store
