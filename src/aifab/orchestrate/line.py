@@ -5,6 +5,7 @@ another process. Every stage is metered into the ledger. Returns the report `aif
 """
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aifab.data.line import ingest
@@ -12,7 +13,7 @@ from aifab.errors import AifabError
 from aifab.evaluate import evaluate
 from aifab.meter.ledger import Charge, Meter, Prices, totals_for
 from aifab.registry.models import register
-from aifab.spec import FactorySpec
+from aifab.spec import BudgetsSpec, FactorySpec
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion
 from aifab.train.trainer import train
@@ -28,7 +29,7 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
         charge.subject_id, charge.tokens_out = str(ds.dataset_version_id), ds.tokens
 
     with meter.measure("train", "run") as charge:
-        tr = train(store, ds.dataset_version_id, spec.model, spec.training, _budget_check(meter, spec))
+        tr = train(store, ds.dataset_version_id, spec.model, spec.training, budget_check(meter, spec.budgets))
         charge.subject_id, charge.tokens_in = tr.run_id, tr.tokens
 
     with store.db.session() as s:
@@ -136,10 +137,9 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
     }
 
 
-def _budget_check(meter: Meter, spec: FactorySpec) -> Any:
+def budget_check(meter: Meter, budgets: BudgetsSpec) -> Callable[[], str | None]:
     """A stop_check for the trainer: the energy or cost budget, measured from the start of training."""
     start_j = meter.sampler.energy_j()
-    budgets = spec.budgets
 
     def check() -> str | None:
         spent_j = meter.spent_j(start_j)

@@ -72,6 +72,7 @@ def _data(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
 
 
 def _train(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
+    from aifab.orchestrate.line import budget_check
     from aifab.spec import BudgetsSpec, ModelSpec, TrainingSpec
     from aifab.train.trainer import PREEMPTED, resume, train
 
@@ -81,18 +82,10 @@ def _train(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
     preempted = attempt.preemption_check() if in_job else (lambda: None)
     run_id: str | None = attempt.recall("run_id") if in_job else None
     on_run = partial(attempt.remember, "run_id") if in_job else None  # a retry resumes this run
-    start_j = meter.sampler.energy_j()
+    over_budget = budget_check(meter, budgets)
 
     def stop_check() -> str | None:
-        reason = preempted()
-        if reason:
-            return reason
-        spent_j = meter.spent_j(start_j)
-        if budgets.energy_j is not None and spent_j >= budgets.energy_j:
-            return "energy budget"
-        if budgets.cost_usd is not None and meter.prices.cost_usd(spent_j) >= budgets.cost_usd:
-            return "cost budget"
-        return None
+        return preempted() or over_budget()
 
     resumed_from_step = 0
     with meter.measure("train", "run") as charge:
