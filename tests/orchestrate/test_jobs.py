@@ -105,3 +105,13 @@ def test_preemption_check_turns_sigterm_into_a_stop_reason() -> None:
         assert check() == "preempted"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_totals_count_preemptions_and_retries_over_every_job(store: Store) -> None:
+    a, b = (jobs.submit(store, JobSpec(command=["true"])) for _ in range(2))
+    assert jobs.totals(store) == {"preemptions": 0, "retries": 0}
+    jobs.transition(store, a, "preempted", {"attempt": 1}, preemptions=2)
+    jobs.transition(store, b, "preempted", {"attempt": 1}, preemptions=1)
+    for job_id in (a, b, b):
+        jobs.transition(store, job_id, "retrying", {"attempt": 1})
+    assert jobs.totals(store) == {"preemptions": 3, "retries": 3}

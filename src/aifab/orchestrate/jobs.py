@@ -197,6 +197,14 @@ def counts_by_status(store: Store) -> dict[str, int]:
         return {status: n for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
 
 
+def totals(store: Store) -> dict[str, int]:
+    """Over every job ever submitted: attempts preempted, and failed attempts retried (two aggregate queries)."""
+    with store.db.session() as s:
+        preemptions = s.scalar(select(func.coalesce(func.sum(Job.preemptions), 0)))
+        retries = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.event == "retrying"))
+    return {"preemptions": int(preemptions or 0), "retries": int(retries or 0)}
+
+
 def events(store: Store, job_id: int, event: str | None = None) -> list[dict[str, Any]]:
     """The job's event trail, oldest first: {"at", "event", "detail"}; `event` keeps one kind only."""
     get(store, job_id)  # unknown job -> NotFound

@@ -62,15 +62,9 @@ class _JobMetrics(Collector):
             value=sum(j.gpus for j in active if j.status == "running"),
         )
         yield GaugeMetricFamily("aifab_gpus", "GPUs in the pool.", value=sum(len(n.gpu_ids) for n in self.cp.nodes))
-        everyone = jobs.list_jobs(store)
-        yield CounterMetricFamily(
-            "aifab_job_preemptions", "Attempts stopped to make room.", value=sum(j.preemptions for j in everyone)
-        )
-        yield CounterMetricFamily(
-            "aifab_job_retries",
-            "Failed attempts retried.",
-            value=sum(jobs.count_events(store, j.id, "retrying") for j in everyone),
-        )
+        totals = jobs.totals(store)
+        yield CounterMetricFamily("aifab_job_preemptions", "Attempts stopped for others.", value=totals["preemptions"])
+        yield CounterMetricFamily("aifab_job_retries", "Failed attempts retried.", value=totals["retries"])
 
 
 def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
