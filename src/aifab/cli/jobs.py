@@ -81,20 +81,41 @@ def controller(
         None, "--token", help="Require this bearer token (or set AIFAB_CONTROL_TOKEN).", show_default=False
     ),
     policy: str = typer.Option("default", "--policy", help="Scheduling policy: default, priority-fair or fifo."),
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        help="Where attempts run: local (processes on this machine) or ray (the Ray cluster at RAY_ADDRESS, "
+        "else a local Ray; the store must be shared storage at the same path on every node).",
+    ),
 ) -> None:
     """Run the control plane: the job queue's HTTP API plus the loop that starts, watches and preempts jobs."""
     from aifab.orchestrate.control import ControlPlane
+    from aifab.orchestrate.executors import Executor
+    from aifab.orchestrate.policy import Node
     from aifab.orchestrate.service import run_controller
 
+    if executor not in ("local", "ray"):
+        raise AifabError(f"unknown executor {executor!r}: choose local or ray")
     key = token or os.environ.get("AIFAB_CONTROL_TOKEN") or None
     store = open_store()
-    with ControlPlane(store, policy=policy) as cp:
+    runner: Executor | None = None
+    nodes: list[Node] | None = None  # None: this machine
+    if executor == "ray":
+        from aifab.orchestrate.ray_executor import RayExecutor, ray_nodes
+
+        runner = RayExecutor(store.home)  # connects to $RAY_ADDRESS, else starts a local Ray
+        nodes = ray_nodes()
+    with ControlPlane(store, nodes, runner, policy=policy) as cp:
         gpus = sum(len(n.gpu_ids) for n in cp.nodes)
         cpus = sum(n.cpus for n in cp.nodes)
+        n = len(cp.nodes)
+        where = f"ray executor, {n} node{'' if n == 1 else 's'}" if executor == "ray" else "local executor"
 
         def ready(url: str) -> None:
             auth = ", token required" if key else ""
-            err.print(f"control plane on {url} ({policy} policy, {gpus} GPUs, {cpus:g} CPUs{auth}); Ctrl-C to stop")
+            err.print(
+                f"control plane on {url} ({policy} policy, {where}, {gpus} GPUs, {cpus:g} CPUs{auth}); Ctrl-C to stop"
+            )
 
         run_controller(cp, host, port, key, on_ready=ready)
 

@@ -237,6 +237,11 @@ class ControlPlane:
         """On start: every row that says running is reattached when its attempt is still alive; else its end is
         read (exit.json) or it is marked lost and requeued. No row is dropped."""
         for job in jobs.list_jobs(self.store, ("running",)):
+            if job.executor not in (None, self.executor.name):  # its handle means nothing to this executor
+                raise AifabError(
+                    f"job {job.id} runs on the {job.executor} executor, not {self.executor.name}: "
+                    f"start the control plane with --executor {job.executor}"
+                )
             if job.handle is not None and self.executor.reattach(job.handle):
                 jobs.transition(self.store, job.id, "reattached", {"attempt": job.attempts, "handle": job.handle})
                 if jobs.count_events(self.store, job.id, "preempting", job.attempts):
