@@ -256,3 +256,38 @@ def test_a_job_that_dies_of_the_preemption_sigterm_is_requeued(store: Store, cp:
     preempted = next(e["detail"] for e in jobs.events(store, low) if e["event"] == "preempted")
     assert preempted["exit_code"] == -signal.SIGTERM  # no checkpoint protocol, still requeued, not failed
     assert "retrying" not in events(store, low)
+
+
+def test_a_serving_replica_and_training_share_the_pool(trained: tuple[Store, str]) -> None:
+    """A real `aifab serve` replica and a training job each hold one GPU of a two-GPU pool (their own index in
+    CUDA_VISIBLE_DEVICES). A higher-priority job then needs a GPU: the training is preempted, never the replica."""
+    store, ref = trained
+    plane = ControlPlane(store, [Node("box", (0, 1), 4.0, 16.0)], poll_s=0.05, cancel_grace_s=10.0)
+    try:
+        serve = plane.submit(
+            JobSpec(
+                command=[sys.executable, "-m", "aifab", "serve", ref, "--port", "0"],
+                kind="serve",
+                gpus=1,
+                name="replica",
+            )
+        )
+        show = "import os, time; print('gpu', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(120)"
+        train = plane.submit(JobSpec(command=py(show), kind="train", gpus=1, preemptible=True, name="train"))
+        until(lambda: "serving" in log_text(store, serve), "the replica to serve", tick=plane.tick)
+        until(lambda: "gpu" in log_text(store, train), "the training job to start", tick=plane.tick)
+        gpus = {jobs.get(store, j).placement["gpu_ids"][0] for j in (serve, train)}  # type: ignore[index]
+        assert gpus == {0, 1}
+        assert f"gpu {jobs.get(store, train).placement['gpu_ids'][0]}" in log_text(store, train)  # type: ignore[index]
+        urgent = plane.submit(JobSpec(command=py("print('urgent done')"), gpus=1, priority=10, name="urgent"))
+        until(lambda: jobs.get(store, urgent).status == "succeeded", "the urgent job", tick=plane.tick)
+        assert "preempted" in events(store, train)
+        assert jobs.get(store, serve).status == "running" and "preempting" not in events(store, serve)
+        jobs.cancel(store, serve)
+        jobs.cancel(store, train)
+        until(lambda: {jobs.get(store, j).status for j in (serve, train)} == {"cancelled"}, "both", tick=plane.tick)
+    finally:
+        for job in jobs.list_jobs(store, ("running",)):
+            if job.handle:
+                plane.executor.kill(job.handle)
+        plane.close()
