@@ -197,11 +197,17 @@ def status(
     if as_json:
         print(json.dumps(listed))
         return
-    table = Table("job", "name", "project", "prio", "kind", "status", "attempts", "gpus", "node", "submitted")
+    from rich import box
+
+    headers = ("job", "name", "status", "kind", "project", "prio", "gpus", "node", "submitted")  # fits 80 columns
+    table = Table(*headers, box=box.SIMPLE_HEAD, caption="times in UTC")
+    for col in table.columns:  # narrow terminals wrap names and errors, never ids, numbers or times
+        col.no_wrap = col.header not in ("name", "status", "project")
+        col.min_width = 8 if col.header in ("name", "status") else None
     for j in listed:
         table.add_row(
-            str(j["id"]), j["name"], j["project"], str(j["priority"]), j["kind"], _status_text(j),
-            str(j["attempts"]), str(j["gpus"]), j["node"] or "-", j["submitted_at"][:19].replace("T", " "),
+            str(j["id"]), j["name"], _status_text(j), j["kind"], j["project"], str(j["priority"]), str(j["gpus"]),
+            j["node"] or "-", j["submitted_at"][5:16].replace("T", " "),
         )  # fmt: skip
     out.print(table)
 
