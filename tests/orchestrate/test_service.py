@@ -190,3 +190,40 @@ def test_spec_round_trips_through_the_api(client: httpx.Client) -> None:
         "max_retries": 2,
     }
     assert os.path.basename(job["log_path"]) == "job.log"
+
+
+def test_the_controller_takes_quotas_and_its_pool_from_a_config(tmp_path: Path) -> None:
+    """`aifab controller --config factory.yaml`: its `orchestration:` pool has 2 GPUs, but project research may
+    hold 1, so of two queued 1-GPU research jobs the second is placed only after the first has finished."""
+    home = tmp_path / "home"
+    config = tmp_path / "factory.yaml"
+    config.write_text(
+        "orchestration:\n"
+        "  policy: priority-fair\n"
+        "  quotas: {research: {gpus: 1}}\n"
+        "  pool: [{name: box, gpus: 2, cpus: 4, memory_gb: 8}]\n"
+    )
+    store = Store(home)
+    try:
+        nap = [sys.executable, "-c", "import time; time.sleep(2)"]
+        first, second = (jobs.submit(store, JobSpec(command=nap, gpus=1, project="research")) for _ in range(2))
+    finally:
+        store.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aifab", "controller", "--port", "0", "--config", str(config)],
+        env=cli_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        store = Store(home)
+        try:
+            until(lambda: jobs.get(store, second).status == "succeeded", "both jobs", timeout_s=120)
+            ends = {e["event"]: e["at"] for e in jobs.events(store, first)}
+            placed = {e["event"]: e["at"] for e in jobs.events(store, second)}
+            assert placed["placed"] >= ends["succeeded"]
+            assert {jobs.get(store, j).placement["node"] for j in (first, second)} == {"box"}  # type: ignore[index]
+        finally:
+            store.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert "priority-fair policy" in stderr and "2 GPUs" in stderr

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -80,7 +81,16 @@ def controller(
     token: str | None = typer.Option(
         None, "--token", help="Require this bearer token (or set AIFAB_CONTROL_TOKEN).", show_default=False
     ),
-    policy: str = typer.Option("default", "--policy", help="Scheduling policy: default, priority-fair or fifo."),
+    policy: str | None = typer.Option(
+        None,
+        "--policy",
+        help="Scheduling policy: default, priority-fair or fifo [default: the config's, else default].",
+    ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="factory.yaml whose `orchestration:` section sets the policy, quotas, fair-share weights and pool.",
+    ),
     executor: str = typer.Option(
         "local",
         "--executor",
@@ -91,21 +101,28 @@ def controller(
     """Run the control plane: the job queue's HTTP API plus the loop that starts, watches and preempts jobs."""
     from aifab.orchestrate.control import ControlPlane
     from aifab.orchestrate.executors import Executor
-    from aifab.orchestrate.policy import Node
     from aifab.orchestrate.service import run_controller
 
     if executor not in ("local", "ray"):
         raise AifabError(f"unknown executor {executor!r}: choose local or ray")
     key = token or os.environ.get("AIFAB_CONTROL_TOKEN") or None
     store = open_store()
+    settings: dict[str, Any] = {"nodes": None, "policy": "default"}  # nodes None: this machine
+    if config is not None:
+        from aifab.orchestrate.pipeline import control_settings
+        from aifab.spec import load_spec
+
+        settings = control_settings(load_spec(config))
+    if policy is not None:
+        settings["policy"] = policy
+    policy = settings["policy"]
     runner: Executor | None = None
-    nodes: list[Node] | None = None  # None: this machine
     if executor == "ray":
         from aifab.orchestrate.ray_executor import RayExecutor, ray_nodes
 
         runner = RayExecutor(store.home)  # connects to $RAY_ADDRESS, else starts a local Ray
-        nodes = ray_nodes()
-    with ControlPlane(store, nodes, runner, policy=policy) as cp:
+        settings["nodes"] = ray_nodes()  # the cluster's own pool, not the config's
+    with ControlPlane(store, executor=runner, **settings) as cp:
         gpus = sum(len(n.gpu_ids) for n in cp.nodes)
         cpus = sum(n.cpus for n in cp.nodes)
         n = len(cp.nodes)

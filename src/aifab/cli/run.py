@@ -48,12 +48,9 @@ def control_plane(store: Any, spec: Any) -> Any:
     """An embedded control plane over this machine (or `orchestration.pool`), with the spec's policy, quotas
     and fair-share weights. It holds the store's controller lock until closed."""
     from aifab.orchestrate.control import ControlPlane
-    from aifab.orchestrate.pipeline import pool_nodes
-    from aifab.orchestrate.policy import Resources
+    from aifab.orchestrate.pipeline import control_settings
 
-    orch = spec.orchestration
-    quotas = {p: Resources(q.gpus or 0, q.cpus or 0.0, q.memory_gb or 0.0) for p, q in (orch.quotas or {}).items()}
-    return ControlPlane(store, nodes=pool_nodes(spec), policy=orch.policy, quotas=quotas or None, weights=orch.weights)
+    return ControlPlane(store, **control_settings(spec))
 
 
 class RemoteControl:

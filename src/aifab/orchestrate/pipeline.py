@@ -275,6 +275,16 @@ def pool_nodes(spec: FactorySpec, control: Any = None) -> list[Any] | None:
     return list(nodes) if nodes is not None else None
 
 
+def control_settings(spec: FactorySpec) -> dict[str, Any]:
+    """ControlPlane keyword arguments from factory.yaml's `orchestration:` section: the pool (None: this
+    machine), the policy, per-project quotas (a missing field is unlimited) and fair-share weights."""
+    from aifab.orchestrate.policy import Resources
+
+    orch = spec.orchestration
+    quotas = {p: Resources(q.gpus or 0, q.cpus or 0.0, q.memory_gb or 0.0) for p, q in (orch.quotas or {}).items()}
+    return {"nodes": pool_nodes(spec), "policy": orch.policy, "quotas": quotas or None, "weights": orch.weights}
+
+
 def check_fits(pipeline: Pipeline, nodes: Iterable[Any] | None) -> None:
     """Refuse, before anything runs, a stage whose request no node (or gang of nodes) of the pool could hold
     even when the pool is empty. `nodes`: policy.Node objects; None skips the check."""
