@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from aifab.errors import SpecError
+from aifab.orchestrate import jobs
 from aifab.orchestrate.control import ControlPlane
 from aifab.orchestrate.jobs import job_dir
 from aifab.orchestrate.pipeline import PipelineReport, build_pipeline, plan, run_pipeline
@@ -364,3 +365,24 @@ def test_aifab_run_submits_to_the_running_controller(tmp_path: Path) -> None:
     finally:
         store.close()
     assert len(logs) == 2 and "first" in logs[0] and "second" in logs[1]
+
+
+def test_a_stage_starts_when_its_own_inputs_end_not_when_earlier_stages_do(
+    store: Store, control: ControlPlane, tmp_path: Path
+) -> None:
+    """`slow` and `fast` run at once; `after_fast` starts as soon as `fast` ends, while `slow` still runs."""
+    spec = load(
+        tmp_path / "factory.yaml",
+        f"""
+stages:
+  slow:       {{uses: command, run: [{sys.executable}, -c, "import time; time.sleep(4)"]}}
+  fast:       {{uses: command, run: [{sys.executable}, -c, "pass"]}}
+  after_fast: {{uses: command, needs: [fast], run: [{sys.executable}, -c, "pass"]}}
+""",
+    )
+    report = run(store, control, spec, tmp_path)
+    assert statuses(report) == {"slow": "ran", "fast": "ran", "after_fast": "ran"}
+    job = {s.name: s.job_id for s in report.stages}
+    slow_end = {e["event"]: e["at"] for e in jobs.events(store, job["slow"] or 0)}["succeeded"]
+    after_start = {e["event"]: e["at"] for e in jobs.events(store, job["after_fast"] or 0)}["placed"]
+    assert after_start < slow_end

@@ -73,14 +73,15 @@ class RemoteControl:
     def submit(self, spec: Any) -> int:
         return int(self.client.call("POST", "/v1/jobs", json=spec.model_dump())["id"])
 
-    def wait(self, job_id: int) -> Any:
+    def wait_any(self, job_ids: list[int]) -> Any:
         import time
         from types import SimpleNamespace
 
         while True:
-            job = self.client.call("GET", f"/v1/jobs/{job_id}")
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return SimpleNamespace(**{k: job.get(k) for k in ("id", "status", "result", "error")})
+            for job_id in job_ids:
+                job = self.client.call("GET", f"/v1/jobs/{job_id}")
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    return SimpleNamespace(**{k: job.get(k) for k in ("id", "status", "result", "error")})
             time.sleep(self.POLL_S)
 
     def __enter__(self) -> "RemoteControl":

@@ -214,14 +214,20 @@ class ControlPlane:
 
     def wait(self, job_id: int, timeout_s: float | None = None) -> JobInfo:
         """Tick until job `job_id` is succeeded, failed or cancelled; its final row. JobTimeout after `timeout_s`."""
+        return self.wait_any([job_id], timeout_s)
+
+    def wait_any(self, job_ids: list[int], timeout_s: float | None = None) -> JobInfo:
+        """Tick until one of `job_ids` has ended; the final row of the first found (in the given order)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             self.tick()
-            info = jobs.get(self.store, job_id)
-            if info.terminal:
-                return info
+            infos = [jobs.get(self.store, j) for j in job_ids]
+            done = next((i for i in infos if i.terminal), None)
+            if done is not None:
+                return done
             if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(f"job {job_id} is still {info.status} after {timeout_s:g} s")
+                states = ", ".join(f"{i.id} {i.status}" for i in infos)
+                raise JobTimeout(f"no job ended within {timeout_s:g} s ({states})")
             time.sleep(self.poll_s)
 
     def run(self, stop: threading.Event) -> None:

@@ -90,7 +90,7 @@ class Control(Protocol):
     """What the runner needs of a control plane (aifab.orchestrate.control.ControlPlane)."""
 
     def submit(self, spec: Any) -> int: ...
-    def wait(self, job_id: int) -> Any: ...
+    def wait_any(self, job_ids: list[int]) -> Any: ...  # the first of them to end: an object with .id, .status...
 
 
 # ---- building and validating ---------------------------------------------------------------------------------
@@ -459,7 +459,7 @@ def run_pipeline(
     check_fits(pipeline, nodes if nodes is not None else getattr(control, "nodes", None))
     outcomes = {n: StageOutcome(n, "pending") for n in pipeline.stages}
     outputs: dict[str, dict[str, Any]] = {}
-    running: list[str] = []  # stages with a job in flight, in submission order
+    running: list[str] = []  # stages with a job in flight
     while True:
         for name, stage in pipeline.stages.items():
             oc = outcomes[name]
@@ -481,8 +481,11 @@ def run_pipeline(
             running.append(name)
         if not running:
             break
-        name = running.pop(0)  # waiting on one job ticks the control loop for all of them
-        _finish(store, outcomes[name], control.wait(outcomes[name].job_id or 0), outputs)
+        # whichever stage ends first frees its dependants, however long the others run
+        info = control.wait_any([outcomes[n].job_id or 0 for n in running])
+        name = next(n for n in running if outcomes[n].job_id == info.id)
+        running.remove(name)
+        _finish(store, outcomes[name], info, outputs)
     return PipelineReport(pipeline.name, list(outcomes.values()))
 
 
