@@ -30,6 +30,17 @@ def test_init_writes_a_valid_spec_and_refuses_to_overwrite(tmp_path: Path) -> No
     assert aifab("init", "--force", home=tmp_path / "h", cwd=tmp_path).returncode == 0
 
 
+def test_validate_checks_the_stages_as_a_dag(tmp_path: Path) -> None:
+    spec = tmp_path / "factory.yaml"
+    spec.write_text("stages:\n  a: {uses: command, needs: [b], run: [x]}\n  b: {uses: command, needs: [a], run: [x]}\n")
+    one_line_error(aifab("validate", str(spec), home=tmp_path / "h"), "cycle", "'a'")
+    spec.write_text("stages:\n  a: {uses: command, needs: [nowhere], run: [x]}\n")
+    one_line_error(aifab("validate", str(spec), home=tmp_path / "h"), "'a'", "nowhere")
+    spec.write_text("stages:\n  a: {uses: command, run: [x]}\n  b: {uses: command, needs: [a], run: [y]}\n")
+    ok = aifab("validate", str(spec), home=tmp_path / "h")
+    assert ok.returncode == 0 and "pipeline 2 stages" in ok.stdout
+
+
 def test_malformed_spec_is_one_line_with_file_and_line(tmp_path: Path) -> None:
     spec = tmp_path / "factory.yaml"
     spec.write_text("name: demo\ntraining:\n  batch_size: ten\n")

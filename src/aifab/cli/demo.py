@@ -27,9 +27,16 @@ def init(
 
 @app.command()
 def validate(path: Path = typer.Argument(Path("factory.yaml"))) -> None:
-    """Check a factory.yaml without running anything."""
+    """Check a factory.yaml without running anything: its settings, and its stages as a DAG."""
+    from aifab.orchestrate.pipeline import build_pipeline, check_fits, pool_nodes
+
     spec = load_spec(path)
-    out.print(f"{path}: ok (model {spec.name!r}, {len(spec.data.sources) or 'default'} data source(s))")
+    pipeline = build_pipeline(spec, path.parent)  # cycles, missing needs, unknown uses
+    check_fits(pipeline, pool_nodes(spec))  # requests larger than the configured pool, if one is configured
+    stages = " -> ".join(pipeline.stages) if spec.stages is None else f"{len(pipeline.stages)} stages"
+    out.print(
+        f"{path}: ok (model {spec.name!r}, {len(spec.data.sources) or 'default'} data source(s), pipeline {stages})"
+    )
 
 
 @app.command()
