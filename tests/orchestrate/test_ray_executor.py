@@ -63,8 +63,20 @@ def plane(cluster: Any, store: Store) -> Iterator[Callable[..., ControlPlane]]:
     made: list[ControlPlane] = []
 
     def make(nodes: int | None = None) -> ControlPlane:
-        pool = ray_nodes(WORKER)[:nodes]
-        made.append(ControlPlane(store, pool, RayExecutor(store.home, WORKER), poll_s=0.05, preempt_grace_s=60.0))
+        def pool() -> list[Any]:
+            return ray_nodes(WORKER)[:nodes]
+
+        made.append(
+            ControlPlane(
+                store,
+                pool(),
+                RayExecutor(store.home, WORKER),
+                poll_s=0.05,
+                preempt_grace_s=60.0,
+                refresh_nodes=pool,
+                refresh_every_s=0.2,  # the node-loss test expects the dead node out of the pool soon
+            )
+        )
         return made[-1]
 
     yield make
@@ -217,6 +229,8 @@ def test_a_training_job_survives_the_loss_of_its_node(
     assert (lost["attempt"], lost["exit_code"]) == (1, None)
     second = read_json(jdir / LAUNCH_FILE)
     assert isinstance(second, dict) and second["attempt"] == 2 and second["node_id"] != first["node_id"]
+    alive = {n.name for n in cp.nodes}  # the pool was read again: the dead node is out of it
+    assert len(alive) == 1 and not any(name.endswith(first["node_id"][:8]) for name in alive)
     assert f"resuming run {run_id[0]}" in log  # the same run, from its newest checkpoint
     assert read_json(jdir / STATE_FILE)["run_id"] == run_id[0]
     with store.db.session() as s:

@@ -121,7 +121,8 @@ def controller(
         from aifab.orchestrate.ray_executor import RayExecutor, ray_nodes
 
         runner = RayExecutor(store.home)  # connects to $RAY_ADDRESS, else starts a local Ray
-        settings["nodes"] = ray_nodes()  # the cluster's own pool, not the config's
+        settings["nodes"] = ray_nodes()  # the cluster's own pool, not the config's, read again as nodes come and go
+        settings["refresh_nodes"] = ray_nodes
     with ControlPlane(store, executor=runner, **settings) as cp:
         gpus = sum(len(n.gpu_ids) for n in cp.nodes)
         cpus = sum(n.cpus for n in cp.nodes)

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -130,7 +130,11 @@ def exit_text(code: int) -> str:
 
 class ControlPlane:
     """Schedules the jobs of `store` on `nodes` (None: this machine) with `executor` (None: LocalExecutor)
-    under `policy` (a name for policy.make_policy). `quotas`/`weights` are per project."""
+    under `policy` (a name for policy.make_policy). `quotas`/`weights` are per project.
+
+    With `refresh_nodes` (e.g. the Ray cluster's alive nodes), the pool is read again every `refresh_every_s`:
+    nodes that joined take work, and a node that died stops counting. Running jobs placed on a node that is
+    gone hold nothing in the policy's view; their attempts end as lost and are requeued."""
 
     def __init__(
         self,
@@ -144,8 +148,12 @@ class ControlPlane:
         poll_s: float = 0.2,
         preempt_grace_s: float = PREEMPT_GRACE_S,
         cancel_grace_s: float = CANCEL_GRACE_S,
+        refresh_nodes: Callable[[], list[Node]] | None = None,
+        refresh_every_s: float = 10.0,
     ) -> None:
         self.store = store
+        self.refresh_nodes, self.refresh_every_s = refresh_nodes, refresh_every_s
+        self._refreshed_at = time.monotonic()
         self.nodes = list(nodes) if nodes is not None else detect_nodes()
         if not self.nodes:
             raise AifabError("the control plane needs at least one node")
@@ -273,6 +281,9 @@ class ControlPlane:
                     running.append(job)
             if not pending and not running:
                 return
+            self._refresh()
+            live = {n.name for n in self.nodes}
+            running = [j for j in running if all(share.node in live for share in placement_of(j))]
             runs = [
                 Running(
                     self._view(j),
@@ -295,6 +306,18 @@ class ControlPlane:
                     self._preempt(by_id[decision.job_id], decision.reason)
 
     # -- one round's parts --------------------------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        if self.refresh_nodes is None or time.monotonic() - self._refreshed_at < self.refresh_every_s:
+            return
+        self._refreshed_at = time.monotonic()
+        try:
+            nodes = self.refresh_nodes()
+        except Exception as e:  # the cluster is unreachable for now: keep the last pool, say so, try again later
+            print(f"control plane: cannot read the pool: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return
+        if nodes:
+            self.nodes = list(nodes)
 
     @staticmethod
     def _view(job: JobInfo) -> JobView:
@@ -387,6 +410,7 @@ class ControlPlane:
         if res == LOST:
             if job.handle is not None:
                 self.executor.kill(job.handle)  # whatever the lost launcher left behind
+            self._refreshed_at = float("-inf")  # a vanished attempt may mean a vanished node: read the pool
             lost = jobs.count_events(self.store, job.id, "lost")
             if job.cancel_requested:
                 self._finish(job, "cancelled", {**detail, "by": "user"}, **common)
