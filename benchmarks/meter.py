@@ -1,6 +1,7 @@
 """Metering benchmark: what per-step energy attribution costs the serving engine, and whether its books balance.
 
-The serving engine reads the energy counter twice per step and splits each step's joules over its requests
+The serving engine's meter reads the energy counter at the edges of each step (or, for counters that update
+only every few ms such as NVML's, of windows of steps) and splits the joules over its requests
 (`aifab.serve.metering`). This runs the same workload through the same engine twice per round, once with the
 real meter (the sampler `auto_sampler()` picks on this machine) and once with a null meter that does no work,
 alternating for `--rounds` rounds; the best round of each side counts. The engine runs on this process's main
@@ -50,11 +51,19 @@ class NullMeter:
 
         self.zero = RequestCharge(0.0, 0.0, 0.0, 0, 0, 0.0)
 
-    def step_started(self) -> float:
-        return 0.0
+    open_steps = 0
 
-    def step_finished(self, shares: list[tuple[Any, int]]) -> list[float]:
-        return [0.0] * len(shares)
+    def step_started(self) -> list[tuple[Any, float]]:
+        return []
+
+    def step_finished(self, shares: list[tuple[Any, int]]) -> list[tuple[Any, float]]:
+        return []
+
+    def settle(self) -> list[tuple[Any, float]]:
+        return []
+
+    def take_idle_j(self) -> float:
+        return 0.0
 
     def charge(self, *args: Any) -> Any:
         return self.zero

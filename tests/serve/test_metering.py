@@ -57,9 +57,10 @@ class Script:
 
 def test_a_step_is_split_by_tokens_and_the_gap_is_idle() -> None:
     m = ServeMeter(Script(10.0, 13.0, 77.0), PRICES)  # start 10; idle to 13; a 64 J step to 77
-    assert m.step_started() == 3.0
+    assert m.step_started() == [] and m.take_idle_j() == 3.0
     a, b, c = object(), object(), object()
-    assert m.step_finished([(a, 1), (b, 1), (c, 30)]) == [2.0, 2.0, 60.0]  # two decodes and a 30-token chunk
+    credits = m.step_finished([(a, 1), (b, 1), (c, 30)])  # two decodes and a 30-token chunk
+    assert credits == [(a, 2.0), (b, 2.0), (c, 60.0)]
     assert (m.request_j, m.idle_j, m.balance_error_j()) == (64.0, 3.0, 0.0)
     bill = m.charge(62.0, 30, 1, 0.5)
     assert bill.cost_usd == pytest.approx(62.0 * 1.5 / J_PER_KWH * 0.2)  # PUE applies to the bill
@@ -74,12 +75,50 @@ def test_the_bill_includes_the_hardwares_capex_for_the_device_time() -> None:
     assert bill.device_s == 1000.0
 
 
+class Counting(Trace):
+    """A `Trace` that counts its reads."""
+
+    def __init__(self, watts: float) -> None:
+        super().__init__(watts)
+        self.reads = 0
+
+    def energy_j(self) -> float:
+        self.reads += 1
+        return super().energy_j()
+
+
+def test_a_window_spans_steps_and_splits_by_step_time_then_tokens() -> None:
+    """With a 50 ms read interval, 40 steps of 2 ms are read a handful of times, not 80; under a constant power
+    each step still gets its own time's energy, split by tokens, and the books balance."""
+    sampler = Counting(watts=100.0)
+    m = ServeMeter(sampler, PRICES, read_every_s=0.05)
+    assert m.read_every_s == 0.05 and ServeMeter(Counting(1.0), PRICES).read_every_s == 0.0  # per step by default
+    a, b = object(), object()
+    got: dict[int, float] = {id(a): 0.0, id(b): 0.0}
+    steps_s = 0.0
+    for _ in range(40):
+        credits = m.step_started()
+        time.sleep(0.002)
+        credits += m.step_finished([(a, 1), (b, 3)])
+        steps_s += m.last_step_s
+        for owner, joules in credits:
+            got[id(owner)] += joules
+    for owner, joules in m.settle():
+        got[id(owner)] += joules
+    assert sampler.reads <= 1 + 40 * 2 * 0.002 / 0.05 + 3  # the start, then about one read per 50 ms
+    assert got[id(b)] == pytest.approx(3 * got[id(a)], rel=1e-9)  # tokens split each step's share
+    assert got[id(a)] + got[id(b)] == pytest.approx(100.0 * steps_s, rel=0.05)  # each step: its own time
+    assert m.request_j + m.idle_j == pytest.approx(m.last_j - m.start_j, rel=1e-12)
+
+
 def test_a_counter_that_goes_backwards_books_nothing_and_is_counted() -> None:
     m = ServeMeter(Script(100.0, 120.0, 50.0, 70.0), PRICES)
     m.step_started()  # 20 J idle
-    assert m.step_finished([(object(), 1)]) == [0.0]  # 120 -> 50: a reset, not -70 J
+    assert [j for _, j in m.step_finished([(object(), 1)])] == [0.0]  # 120 -> 50: a reset, not -70 J
     assert m.counter_resets == 1
-    assert m.step_started() == 20.0  # 50 -> 70 counts again
+    m.take_idle_j()
+    m.step_started()
+    assert m.take_idle_j() == 20.0  # 50 -> 70 counts again
     assert m.request_j == 0.0 and m.idle_j == 40.0
 
 
@@ -95,9 +134,11 @@ def collect() -> tuple[list[Done], Any]:
     return done, emit
 
 
-def test_under_batching_requests_and_idle_add_up_to_the_counter(loaded: LoadedModel) -> None:
+@pytest.mark.parametrize("read_every_s", [0.0, 0.05], ids=["read per step", "read per window"])
+def test_under_batching_requests_and_idle_add_up_to_the_counter(loaded: LoadedModel, read_every_s: float) -> None:
     flushed: list[tuple[list[Any], float]] = []
-    meter = ServeMeter(Trace(watts=250.0), PRICES, sink=lambda c, idle_j, idle_s: flushed.append((c, idle_j)))
+    sink = lambda c, idle_j, idle_s: flushed.append((c, idle_j))  # noqa: E731
+    meter = ServeMeter(Trace(watts=250.0), PRICES, sink=sink, read_every_s=read_every_s)
     engine = Engine(loaded, max_batch=4, chunk_tokens=8, meter=meter)
     sinks = []
     try:
@@ -153,7 +194,7 @@ def test_the_ledger_gets_one_serve_row_per_request_and_the_idle(trained: tuple[S
         meter = ServeMeter(sampler, PRICES, sink=sink)  # type: ignore[arg-type]
         meter.step_started()
         owner = object()
-        (joules,) = meter.step_finished([(owner, 12)])
+        ((_, joules),) = meter.step_finished([(owner, 12)])
         meter.charge(joules, 10, 2, 0.25)
         meter.flush()
         with store.db.session() as s:

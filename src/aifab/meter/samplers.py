@@ -94,6 +94,9 @@ class NvmlSampler:
 
     name = "nvml"
     estimated = False
+    # the driver updates the energy counter every few ms, not per call (about every 10 ms on one report:
+    # github.com/gpuopenanalytics/pynvml/pull/18), so a serving meter reads it at most this often
+    min_read_interval_s = 0.02
 
     def __init__(self, nvml: Any = None) -> None:
         if nvml is None:

@@ -345,7 +345,7 @@ class Engine:
             step = self._reap_and_schedule()
             if step is None:
                 continue
-            self.metrics.idle_energy.inc(self.meter.step_started())
+            self._credit(self.meter.step_started())
             shares = [(s, 1) for s in step.decode] + [(seq, n) for seq, _, n in step.chunks]
             try:
                 sampled = self._execute(step)
@@ -359,16 +359,22 @@ class Engine:
             self._update(step, sampled)
         for seq in list(self.scheduler.running):  # shutting down: nobody is left waiting
             self._finish(seq, "cancelled")
+        self._credit(self.meter.settle())  # the last window (idle) is booked too
         self.meter.flush()
 
     def _book(self, shares: list[tuple[Sequence, int]]) -> None:
-        """Charge the step's energy to its sequences by their tokens in it."""
-        parts = self.meter.step_finished(shares)
+        """Tell the meter the step ended (it charges energy to sequences when it reads the counter: see
+        serve.metering) and split the step's device time over its sequences by their tokens in it."""
+        self._credit(self.meter.step_finished(shares))
         total, step_s = sum(n for _, n in shares), self.meter.last_step_s
-        for (seq, n), joules in zip(shares, parts, strict=True):
-            seq.energy_j += joules
+        for seq, n in shares:
             seq.device_s += step_s * n / total if total else 0.0
-        self.metrics.request_energy.inc(sum(parts))
+
+    def _credit(self, credits: list[tuple[Any, float]]) -> None:
+        for seq, joules in credits:
+            seq.energy_j += joules
+        self.metrics.request_energy.inc(sum(j for _, j in credits))
+        self.metrics.idle_energy.inc(self.meter.take_idle_j())
 
     def _take_new(self) -> None:
         """Move queued requests into free slots; block while there is nothing at all to do."""
@@ -485,6 +491,8 @@ class Engine:
         if seq.generated > 1 and seq.first_token_at is not None:
             self.metrics.tpot.observe((seq.last_token_at - seq.first_token_at) / (seq.generated - 1))
         self.metrics.finished(reason)
+        if self.meter.open_steps:  # its last steps' energy is not read yet: read it, so the bill is whole
+            self._credit(self.meter.settle())
         bill = self.meter.charge(
             seq.energy_j, len(seq.req.prompt_ids), seq.generated, time.monotonic() - seq.req.arrival, seq.device_s
         )
