@@ -375,7 +375,7 @@ def test_a_stage_starts_when_its_own_inputs_end_not_when_earlier_stages_do(
         tmp_path / "factory.yaml",
         f"""
 stages:
-  slow:       {{uses: command, run: [{sys.executable}, -c, "import time; time.sleep(4)"]}}
+  slow:       {{uses: command, run: [{sys.executable}, -c, "import time; time.sleep(8)"]}}
   fast:       {{uses: command, run: [{sys.executable}, -c, "pass"]}}
   after_fast: {{uses: command, needs: [fast], run: [{sys.executable}, -c, "pass"]}}
 """,
