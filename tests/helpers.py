@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 from aifab.spec import ModelSpec, TokenizerSpec
@@ -72,3 +73,21 @@ def aifab(*args: str, home: Path, cwd: Path | None = None, timeout: float = 300)
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def until(
+    check: Callable[[], object], what: str, *, tick: Callable[[], None] | None = None, timeout_s: float = 60.0
+) -> None:
+    """Wait until `check()` is truthy, calling `tick()` (e.g. one control-plane round) between looks; fail the
+    test naming `what` at the deadline. A bound on waits that normally take moments, never a timing check."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        if tick is not None:
+            tick()
+        time.sleep(0.05)

@@ -7,8 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,21 +20,9 @@ from aifab.orchestrate.jobs import JobSpec
 from aifab.orchestrate.launch import proc_start_ticks
 from aifab.orchestrate.policy import Node
 from aifab.store import Store
+from helpers import until
 
 POOL = [Node("n1", (0,), 2.0, 8.0)]
-
-
-def until(
-    check: Callable[[], object], what: str, timeout_s: float = 60.0, tick: Callable[[], None] | None = None
-) -> None:
-    """Wait (ticking the control plane, if given) until `check()` is truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        if tick is not None:
-            tick()
-        time.sleep(0.05)
 
 
 def py(code: str) -> list[str]:

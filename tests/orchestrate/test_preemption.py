@@ -3,8 +3,6 @@ the higher-priority job runs -> the same run resumes from its checkpoint and fin
 
 import re
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from aifab.orchestrate.policy import Node
 from aifab.spec import DataSpec
 from aifab.store import Store
 from aifab.store.schema import Run
-from helpers import TINY_TOKENIZER, write_corpus
+from helpers import TINY_TOKENIZER, until, write_corpus
 
 FACTORY = """\
 name: pre
@@ -26,15 +24,6 @@ model: {n_layer: 2, n_head: 2, d_model: 32, context_len: 32}
 training: {batch_size: 8, eval_every: 100000, checkpoint_every: 100000, device: cpu, warmup_steps: 5}
 """
 STEPS = 400
-
-
-def until(check: Callable[[], object], what: str, tick: Callable[[], None], timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        tick()
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -52,7 +41,7 @@ def test_a_training_job_is_preempted_requeued_and_resumes_its_run(store: Store, 
             JobSpec(name="low", command=train_cmd, gpus=1, priority=0, preemptible=True, kind="train", env=wide)
         )
         state = jobs.job_dir(store.home, low) / STATE_FILE
-        until(lambda: (read_json(state) or {}).get("run_id"), "the training run to exist", cp.tick)
+        until(lambda: (read_json(state) or {}).get("run_id"), "the training run to exist", tick=cp.tick, timeout_s=180)
         run_id = read_json(state)["run_id"]
         high = cp.submit(JobSpec(name="high", command=[sys.executable, "-c", "print('high ran')"], gpus=1, priority=10))
         done_high = cp.wait(high, timeout_s=180)

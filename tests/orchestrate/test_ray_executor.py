@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from aifab.orchestrate.attempt import LAUNCH_FILE, STATE_FILE, read_json
 from aifab.orchestrate.control import ControlPlane
 from aifab.orchestrate.jobs import JobSpec
 from aifab.store import Store
+from helpers import until
 
 ray = pytest.importorskip("ray")
 
@@ -91,15 +91,6 @@ def py(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
 
 
-def until(check: Callable[[], object], what: str, tick: Callable[[], None], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        tick()
-        time.sleep(0.05)
-
-
 def log_text(store: Store, job_id: int) -> str:
     path = jobs.log_path(store, job_id)
     return path.read_text(errors="replace") if path.exists() else ""
@@ -149,7 +140,7 @@ def test_terminate_preempts_a_ray_job_which_is_requeued(
 
     cp = plane(nodes=1)  # one GPU in the pool: the high-priority job must preempt the low one
     low = cp.submit(JobSpec(name="low", command=py(PREEMPTIBLE), gpus=1, preemptible=True, kind="train"))
-    until(lambda: "waiting for SIGTERM" in log_text(store, low), "the low job to run", cp.tick)
+    until(lambda: "waiting for SIGTERM" in log_text(store, low), "the low job to run", tick=cp.tick)
     handle = jobs.get(store, low).handle
     assert handle is not None
     # another driver (a restarted control plane) finds the attempt by its handle alone
@@ -212,7 +203,7 @@ def test_a_training_job_survives_the_loss_of_its_node(
         run_id[:] = [(read_json(jdir / STATE_FILE) or {}).get("run_id")]
         return bool(run_id[0]) and latest_complete(store.work_dir("runs", run_id[0], "checkpoints")) is not None
 
-    until(checkpointed, "a checkpoint of the training run", cp.tick, timeout_s=120)
+    until(checkpointed, "a checkpoint of the training run", tick=cp.tick, timeout_s=120)
     first = read_json(jdir / LAUNCH_FILE)
     assert isinstance(first, dict) and first["attempt"] == 1
     doomed = next(n for n in cluster.worker_nodes if n.node_id == first["node_id"])

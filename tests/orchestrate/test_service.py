@@ -7,8 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,18 +20,10 @@ from aifab.orchestrate.policy import Node
 from aifab.orchestrate.service import CONTROLLER_FILE, create_app
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
-from helpers import aifab, cli_env
+from helpers import aifab, cli_env, until
 
 POOL = [Node("n1", (0,), 2.0, 8.0)]
 TOKEN = "s3cret"
-
-
-def until(check: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ field (named in `param`), 401 without the token once one is set, 404 for an unkn
 finds it.
 """
 
-import hmac
 import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,10 @@ from aifab.orchestrate import jobs
 from aifab.orchestrate.attempt import write_json_atomic
 from aifab.orchestrate.control import ControlPlane
 from aifab.orchestrate.jobs import JobConflict, JobSpec
+from aifab.serve.server import error, require_bearer
 
 CONTROLLER_FILE = "controller.json"
 LOG_CHUNK_BYTES = 64 * 1024
-
-
-def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
 class _JobMetrics(Collector):
@@ -74,13 +70,7 @@ def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(_JobMetrics(cp))
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        if token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return error(401, "missing or wrong token (Authorization: Bearer ...)", kind="authentication_error")
-        return await call_next(request)
+    require_bearer(app, token, "missing or wrong token (Authorization: Bearer ...)")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,7 +7,6 @@ Errors use the OpenAI shape `{"error": {"message", "type", "param", "code"}}`: 4
 
 import asyncio
 import contextlib
-import hmac
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from aifab.serve.chat import render
 from aifab.serve.engine import Delta, Done, Engine, Event, LoadedModel, QueueFull
 from aifab.serve.engine import Request as EngineRequest
 from aifab.serve.sampling import SamplingParams, TokenLogprob
+from aifab.serve.server import error, require_bearer
 
 MAX_BODY_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 300.0
@@ -120,17 +120,6 @@ class ChatRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def error(
-    status: int,
-    message: str,
-    param: str | None = None,
-    kind: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 class BodyLimit:
     """ASGI middleware: refuse a request body over `limit` bytes with 413, whether or not it says its length."""
 
@@ -185,13 +174,7 @@ def create_app(
     app = FastAPI(title="aifab", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(401, "missing or wrong API key", kind="authentication_error")
-        return await call_next(request)
+    require_bearer(app, api_key, "missing or wrong API key")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,16 +1,49 @@
-"""Run the API on uvicorn in a background thread (`aifab serve` keeps its main thread for the engine).
-
-The listening socket is bound here, before uvicorn starts, so an occupied port is one clear error and
-port 0 picks a free port.
+"""HTTP plumbing shared by aifab's services (the serving API and the control plane), free of torch:
+- `bind` + `BackgroundServer`: uvicorn in a background thread (`aifab serve` keeps its main thread for the
+  engine). The listening socket is bound before uvicorn starts, so an occupied port is one clear error and
+  port 0 picks a free port.
+- `error`: the OpenAI-style error body every endpoint answers with.
+- `require_bearer`: refuse requests without `Authorization: Bearer <secret>` when a secret is configured.
 """
 
 import errno
+import hmac
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
 from aifab.errors import ServeError
+
+
+def error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """A JSON error response: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def require_bearer(app: FastAPI, secret: str | None, message: str) -> None:
+    """With `secret`, every request to `app` needs `Authorization: Bearer <secret>` (compared in constant
+    time), else gets 401 with `message`. Without one, the app is open."""
+    if secret is None:
+        return
+    expected = f"Bearer {secret}".encode()
+
+    @app.middleware("http")
+    async def check(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            return error(401, message, kind="authentication_error")
+        return await call_next(request)
 
 
 def bind(host: str, port: int) -> socket.socket:
