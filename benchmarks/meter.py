@@ -143,7 +143,7 @@ def main() -> None:
 
     from aifab.nn.config import ModelConfig
     from aifab.nn.transformer import Transformer
-    from aifab.serve.engine import LoadedModel
+    from aifab.serve.loaded import LoadedModel
     from aifab.serve.metering import ServeMeter
 
     torch.manual_seed(0)

@@ -49,7 +49,8 @@ def ledger_j(store: Store, stages: tuple[str, ...]) -> tuple[float, int]:
 def test_serving_requests_and_idle_add_up_to_the_counter(
     nvml: NvmlSampler, home: Store, trained: tuple[Store, str]
 ) -> None:
-    from aifab.serve.engine import Done, Engine, Event, LoadedModel, Request
+    from aifab.serve.engine import Done, Engine, Event, Request
+    from aifab.serve.loaded import LoadedModel
     from aifab.serve.metering import ServeMeter, ledger_sink
     from aifab.serve.sampling import SamplingParams
 

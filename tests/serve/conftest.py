@@ -7,7 +7,8 @@ import httpx
 import pytest
 
 from aifab.serve.api import create_app
-from aifab.serve.engine import Engine, LoadedModel
+from aifab.serve.engine import Engine
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
 from serving import WAIT_S

@@ -9,7 +9,8 @@ import openai
 import pytest
 
 from aifab.serve.api import create_app
-from aifab.serve.engine import Done, Engine, Event, LoadedModel, Request
+from aifab.serve.engine import Done, Engine, Event, Request
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.sampling import SamplingParams
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store

@@ -17,8 +17,9 @@ import torch
 
 from aifab.nn.config import ModelConfig
 from aifab.nn.transformer import Transformer
-from aifab.serve.engine import Delta, Done, Engine, Event, LoadedModel, Request, Scheduler, Sequence
+from aifab.serve.engine import Delta, Done, Engine, Event, Request, Scheduler, Sequence
 from aifab.serve.generate import generate
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
 

@@ -12,7 +12,8 @@ import pytest
 
 from aifab.serve.api import create_app
 from aifab.serve.chat import DEFAULT_TEMPLATE, TemplateError, render
-from aifab.serve.engine import Engine, LoadedModel
+from aifab.serve.engine import Engine
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.server import BackgroundServer
 from serving import MODEL, WAIT_S, assert_error, body, stream, tokens, wait_until
 

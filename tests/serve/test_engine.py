@@ -3,8 +3,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from aifab.serve.engine import Delta, Done, Engine, Event, LoadedModel, QueueFull, Request, TextAssembler
+from aifab.serve.engine import Delta, Done, Engine, Event, QueueFull, Request, TextAssembler
 from aifab.serve.generate import generate
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
 

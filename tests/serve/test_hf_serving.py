@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from aifab.serve.engine import Delta, Done, Engine, Event, LoadedModel, Request
+from aifab.serve.engine import Delta, Done, Engine, Event, Request
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
 from helpers import aifab

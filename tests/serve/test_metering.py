@@ -13,7 +13,8 @@ from sqlalchemy import select
 
 from aifab.meter.ledger import J_PER_KWH, Prices
 from aifab.serve.api import create_app
-from aifab.serve.engine import Done, Engine, Event, LoadedModel, Request
+from aifab.serve.engine import Done, Engine, Event, Request
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.metering import RequestCharge, ServeMeter, ledger_sink, new_deployment_id
 from aifab.serve.sampling import SamplingParams
 from aifab.serve.server import BackgroundServer

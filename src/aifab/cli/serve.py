@@ -31,7 +31,8 @@ def serve(
 ) -> None:
     """Serve a registered model over HTTP until interrupted."""
     from aifab.serve.api import create_app
-    from aifab.serve.engine import Engine, LoadedModel
+    from aifab.serve.engine import Engine
+    from aifab.serve.loaded import LoadedModel
     from aifab.serve.metering import ledger_meter, new_deployment_id
     from aifab.serve.server import BackgroundServer, bind
 

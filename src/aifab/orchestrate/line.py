@@ -158,7 +158,8 @@ def check_serving(store: Store, model_ref: str, spec: FactorySpec) -> dict[str, 
     import httpx
 
     from aifab.serve.api import create_app
-    from aifab.serve.engine import Engine, LoadedModel
+    from aifab.serve.engine import Engine
+    from aifab.serve.loaded import LoadedModel
     from aifab.serve.server import BackgroundServer
 
     engine = Engine(LoadedModel.load(store, model_ref))

@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aifab.serve.chat import render
-from aifab.serve.engine import Delta, Done, Engine, Event, LoadedModel, QueueFull
+from aifab.serve.engine import Delta, Done, Engine, Event, QueueFull
 from aifab.serve.engine import Request as EngineRequest
+from aifab.serve.loaded import LoadedModel
 from aifab.serve.sampling import SamplingParams, TokenLogprob
 from aifab.serve.server import error, require_bearer
 

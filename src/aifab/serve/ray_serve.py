@@ -30,7 +30,8 @@ class EngineReplica:
     def __init__(
         self, home: str, ref: str, max_batch: int, max_queue: int, api_key: str | None, deployment: str | None = None
     ) -> None:
-        from aifab.serve.engine import Engine, LoadedModel
+        from aifab.serve.engine import Engine
+        from aifab.serve.loaded import LoadedModel
         from aifab.serve.metering import ledger_meter
         from aifab.store import Store
 
