@@ -300,6 +300,14 @@ def test_compiled_decode_gives_the_same_greedy_tokens(lm: LoadedModel, graphs: b
 # --- on a GPU: the same decode steps replayed from captured CUDA graphs ------------------------------------
 
 
+def test_graph_buckets_are_powers_of_two_up_to_the_limit() -> None:
+    from aifab.serve.graphs import bucket_for, buckets
+
+    assert buckets(32) == [1, 2, 4, 8, 16, 32] and buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert buckets(2048, 64) == [64, 128, 256, 512, 1024, 2048] and buckets(10, 64) == [10]
+    assert [bucket_for(n, buckets(48)) for n in (1, 3, 33, 48)] == [1, 4, 48, 48]
+
+
 def on_cuda(lm: LoadedModel) -> LoadedModel:
     """The random model on the GPU in fp32 (no TF32), so greedy tokens can be compared exactly."""
     if not torch.cuda.is_available():

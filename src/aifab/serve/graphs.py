@@ -37,6 +37,10 @@ def bucket_for(n: int, sizes: list[int]) -> int:
 
 
 class DecodeGraphs:
+    """Decode-only steps of `model` over `cache` in static (rows, keys) buckets: captured as CUDA graphs when
+    `capture` and the cache is on a GPU, else run eagerly with the same shapes; `compile` wraps the model in
+    torch.compile first. `step()` runs one step."""
+
     def __init__(self, model: Any, cache: SlotCache, capture: bool, compile: bool = False) -> None:
         self.model, self.cache = model, cache
         self.fwd = torch.compile(model, dynamic=True) if compile else model
