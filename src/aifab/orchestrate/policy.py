@@ -367,25 +367,3 @@ def make_policy(name: str) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown scheduling policy {name!r}; known: {', '.join(POLICIES)}")
     return POLICIES[name]()
-
-
-__all__ = [
-    "LAS_LIMITS_GPU_S",
-    "LAS_MIN_RUN_S",
-    "ClusterState",
-    "Decision",
-    "JobId",
-    "JobView",
-    "Node",
-    "Placement",
-    "Policy",
-    "Preempt",
-    "Resources",
-    "Running",
-    "Share",
-    "Start",
-    "attained_now",
-    "las_queue",
-    "make_policy",
-    "unplaceable",
-]
