@@ -49,7 +49,7 @@ def corpus(root: Path, copies: int) -> tuple[list[str], int]:
 
 def ingest_child(home: str, sources: list[str]) -> None:
     """Run in a child process so its peak RSS is the ingest's alone; prints one JSON line."""
-    from aifab.data.line import ingest
+    from aifab.data.ingest import ingest
     from aifab.spec import DataSpec, TokenizerSpec
     from aifab.store import Store
 
@@ -119,7 +119,7 @@ def main() -> None:
     threads = int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count() or 1)
 
     from aifab.data.dedup import LSHIndex, MinHasher
-    from aifab.data.line import TOKENIZE_BATCH_ROWS
+    from aifab.data.ingest import TOKENIZE_BATCH_ROWS
     from aifab.data.parts import iter_batches
     from aifab.data.tokenize import ShardWriter, encode_to_shards, split_of
     from aifab.store import Store

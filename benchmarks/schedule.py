@@ -1,10 +1,10 @@
 """Scheduling benchmark: FIFO, priority with fair share, and our default policy on the same trace, simulated.
 
-The trace is synthetic (`aifab.orchestrate.traces.synthetic_trace`: Philly-shaped sizes and heavy-tailed run times,
+The trace is synthetic (`aifab.schedule.traces.synthetic_trace`: Philly-shaped sizes and heavy-tailed run times,
 seeded) or a Philly/Helios CSV (`--trace`). Synthetic arrivals are Poisson at a rate that offers `--load` times
 what the pool can serve (default 1.0: the GPU-seconds submitted equal the pool's GPU-seconds over the submission
 window), so the cluster is busy and jobs queue, as in a shared cluster; bursts of long, wide jobs overfill it.
-Each policy runs the same discrete-event simulation (`aifab.orchestrate.simulate`), calling the same policy objects
+Each policy runs the same discrete-event simulation (`aifab.schedule.simulate`), calling the same policy objects
 the control plane calls.
 
 Metrics per policy: average and p99 job completion time (JCT), utilisation (GPU-seconds held / GPU-seconds of the
@@ -28,9 +28,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from aifab.errors import AifabError
-from aifab.orchestrate.policy import make_policy
-from aifab.orchestrate.simulate import SimResult, simulate
-from aifab.orchestrate.traces import TraceJob, read_trace_csv, synthetic_trace
+from aifab.schedule.policy import make_policy
+from aifab.schedule.simulate import SimResult, simulate
+from aifab.schedule.traces import TraceJob, read_trace_csv, synthetic_trace
 
 POLICIES = ("fifo", "priority-fair", "default")
 

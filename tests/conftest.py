@@ -28,7 +28,7 @@ def corpus(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, str]]:
     """A store holding one registered tiny model, `tiny:1` (alias `tiny@latest`). Built once per session."""
-    from aifab.data.line import ingest
+    from aifab.data.ingest import ingest
     from aifab.registry.models import register
     from aifab.train.trainer import train
 

@@ -26,7 +26,7 @@ def test_nn_imports_nothing_else_of_aifab() -> None:
 @pytest.mark.parametrize(
     ("stage", "forbidden"),
     [
-        ("aifab.data.line", ("aifab.train", "aifab.serve")),
+        ("aifab.data.ingest", ("aifab.train", "aifab.serve")),
         ("aifab.train.trainer", ("aifab.data", "aifab.serve")),
         ("aifab.serve.api", ("aifab.data", "aifab.train")),
         ("aifab.meter.ledger", ("aifab.data", "aifab.train", "aifab.serve", "aifab.nn")),

@@ -66,7 +66,7 @@ def ledger_store(store: Store) -> Store:
         s.flush()
         s.add_all([_model("base", "r-base"), _model("ft", "r-ft"), _model("other", "r-other")])  # ids 1, 2, 3
         s.flush()
-        # the edges as the line writes them (data/line.py, train/trainer.py, registry/models.py)
+        # the edges as the line writes them (data/ingest.py, train/trainer.py, registry/models.py)
         link(s, ("dataset", 1), ("run", "r-base"), "input")
         link(s, ("run", "r-base"), ("model", 1), "produced")
         link(s, ("dataset", 1), ("model", 1), "trained_on")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from aifab.orchestrate.line import run_line
+from aifab.pipeline.line import run_line
 from aifab.spec import DataSpec, EvaluationSpec, FactorySpec, TrainingSpec
 from aifab.store import Store
 from aifab.store.schema import LedgerEntry

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load as st_load
 from sqlalchemy import select
 
-from aifab.data.line import ingest
+from aifab.data.ingest import ingest
 from aifab.errors import TrainError
 from aifab.nn.config import LoraConfig
 from aifab.nn.lora import apply_lora, load_lora_state, merge_lora

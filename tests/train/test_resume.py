@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from aifab.data.line import ingest
+from aifab.data.ingest import ingest
 from aifab.errors import NotFound, TrainError
 from aifab.spec import DataSpec, TrainingSpec
 from aifab.store import Store

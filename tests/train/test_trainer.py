@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from aifab.data.line import ingest
+from aifab.data.ingest import ingest
 from aifab.errors import TrainError
 from aifab.spec import DataSpec, ModelSpec, TrainingSpec
 from aifab.store import Store

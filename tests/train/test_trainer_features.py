@@ -4,7 +4,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from aifab.data.line import ingest
+from aifab.data.ingest import ingest
 from aifab.errors import TrainError
 from aifab.meter.catalog import cpu_peak_flops, gpu_peak_flops
 from aifab.spec import DataSpec, TrainingSpec

@@ -39,8 +39,11 @@ def ingest(
     name: str = typer.Option(..., "--name", "-n", help="Dataset name; each run adds a version."),
     config: Path | None = typer.Option(None, "--config", "-c", help="A factory.yaml for data/tokenizer settings."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count malformed records instead of failing."),
-    engine: str = typer.Option(
-        "local", "--engine", help="local (worker processes) or ray (Ray Data on RAY_ADDRESS, or a local Ray)."
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        "--engine",
+        help="local (worker processes) or ray (Ray Data on RAY_ADDRESS, or a local Ray); --engine is its old name.",
     ),
     tokenizer_from: str | None = typer.Option(
         None,
@@ -51,12 +54,12 @@ def ingest(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on the last line."),
 ) -> None:
     """Read, curate, deduplicate and tokenize PATHS into a new version of dataset NAME."""
-    from aifab.data.line import ingest as run_ingest
+    from aifab.data.ingest import ingest as run_ingest
 
     check_name(name, "dataset name")
     spec = load_spec(config) if config is not None else FactorySpec()
     data = spec.data.model_copy(update={"sources": data_sources(paths), "skip_bad": skip_bad or spec.data.skip_bad})
-    result = run_ingest(open_store(), name, data, spec.tokenizer, engine=engine, tokenizer_from=tokenizer_from)
+    result = run_ingest(open_store(), name, data, spec.tokenizer, executor=executor, tokenizer_from=tokenizer_from)
     parent = f" (parent {name}:{result.parent_version})" if result.parent_version else ""
     out.print(
         f"[bold]{name}:{result.version}[/bold]{parent}: {result.files:,} files ({result.processed_files:,} "

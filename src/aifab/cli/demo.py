@@ -28,7 +28,7 @@ def init(
 @app.command()
 def validate(path: Path = typer.Argument(Path("factory.yaml"))) -> None:
     """Check a factory.yaml without running anything: its settings, and its stages as a DAG."""
-    from aifab.orchestrate.pipeline import build_pipeline, check_fits, pool_nodes
+    from aifab.pipeline.dag import build_pipeline, check_fits, pool_nodes
 
     spec = load_spec(path)
     pipeline = build_pipeline(spec, path.parent)  # cycles, missing needs, unknown uses
@@ -48,7 +48,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Also print the report as JSON on the last line."),
 ) -> None:
     """Run the whole line on this machine: ingest, tokenize, train, evaluate, register, serve, report."""
-    from aifab.orchestrate.line import run_line
+    from aifab.pipeline.line import run_line
 
     spec = load_spec(config) if config is not None else FactorySpec()
     if data:

@@ -8,7 +8,6 @@ directly (a job submitted that way waits until a controller runs).
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,61 +16,9 @@ from rich.table import Table
 
 from aifab.cli.common import app, open_store, out
 from aifab.console import err
-from aifab.errors import AifabError, NotFound
-from aifab.orchestrate import jobs
-from aifab.orchestrate.jobs import JobConflict, JobSpec
-from aifab.store import Store
-
-
-class _Client:
-    """A few calls to the controller's HTTP API; its errors become AifabErrors with the server's message."""
-
-    def __init__(self, url: str, token: str | None) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
-
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        import httpx
-
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise AifabError(f"cannot reach the controller at {self.url}: {e}") from None
-        if r.status_code >= 400:
-            try:
-                message = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = r.text.strip() or r.reason_phrase
-            raise (NotFound if r.status_code == 404 else JobConflict if r.status_code == 409 else AifabError)(message)
-        return r.json()
-
-    def close(self) -> None:
-        self.http.close()
-
-
-def _client(store: Store) -> _Client | None:
-    """The controller to talk to, or None to use the store directly."""
-    import httpx
-
-    from aifab.orchestrate.service import read_controller_file
-
-    token = os.environ.get("AIFAB_CONTROL_TOKEN") or None
-    url = os.environ.get("AIFAB_CONTROL_URL")
-    if url:
-        return _Client(url, token)  # configured: its errors are the user's to see
-    info = read_controller_file(store.home)
-    if info is None:
-        return None
-    client = _Client(str(info["url"]), token)
-    try:
-        client.http.get("/healthz", timeout=2.0)
-    except httpx.HTTPError:
-        client.close()
-        return None
-    return client
+from aifab.errors import AifabError
+from aifab.jobs.client import open_queue
+from aifab.jobs.records import JobSpec
 
 
 @app.command("controller")
@@ -99,9 +46,9 @@ def controller(
     ),
 ) -> None:
     """Run the control plane: the job queue's HTTP API plus the loop that starts, watches and preempts jobs."""
-    from aifab.orchestrate.control import ControlPlane
-    from aifab.orchestrate.executors import Executor
-    from aifab.orchestrate.service import run_controller
+    from aifab.jobs.control import ControlPlane
+    from aifab.jobs.executors import Executor
+    from aifab.jobs.service import run_controller
 
     if executor not in ("local", "ray"):
         raise AifabError(f"unknown executor {executor!r}: choose local or ray")
@@ -109,7 +56,7 @@ def controller(
     store = open_store()
     settings: dict[str, Any] = {"nodes": None, "policy": "default"}  # nodes None: this machine
     if config is not None:
-        from aifab.orchestrate.pipeline import control_settings
+        from aifab.pipeline.dag import control_settings
         from aifab.spec import load_spec
 
         settings = control_settings(load_spec(config))
@@ -118,7 +65,7 @@ def controller(
     policy = settings["policy"]
     runner: Executor | None = None
     if executor == "ray":
-        from aifab.orchestrate.ray_executor import RayExecutor, ray_nodes
+        from aifab.jobs.ray_executor import RayExecutor, ray_nodes
 
         runner = RayExecutor(store.home)  # connects to $RAY_ADDRESS, else starts a local Ray
         settings["nodes"] = ray_nodes()  # the cluster's own pool, not the config's, read again as nodes come and go
@@ -162,27 +109,15 @@ def submit(
         "preemptible": kind == "train" if preemptible is None else preemptible,
     }  # fmt: skip
     spec = JobSpec.parse(body)
-    store = open_store()
-    client = _client(store)
-    if client is not None:
-        try:
-            job = client.call("POST", "/v1/jobs", json=spec.model_dump())
-        finally:
-            client.close()
-        where = f"controller {client.url}"
-    else:
-        from aifab.orchestrate.control import detect_nodes, request_of
-        from aifab.orchestrate.policy import unplaceable
-
-        why = unplaceable(request_of(spec), detect_nodes())
-        if why is not None:
-            raise AifabError(f"job {spec.label()!r} can never run on this machine: {why}")
-        job = jobs.get(store, jobs.submit(store, spec)).to_dict()
-        where = "the store; no controller is running: start one with `aifab controller`"
+    queue = open_queue(open_store())
+    try:
+        job = queue.submit(spec)
+    finally:
+        queue.close()
     if as_json:
         print(json.dumps(job))
     else:
-        out.print(f"job [bold]{job['id']}[/bold] ({job['name']}) queued in {where}")
+        out.print(f"job [bold]{job['id']}[/bold] ({job['name']}) queued in {queue.where}")
 
 
 @app.command("status")
@@ -193,25 +128,14 @@ def status(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The job queue, or one job with its event trail."""
-    store = open_store()
-    client = _client(store)
+    queue = open_queue(open_store())
     try:
         if job_id is not None:
-            if client is not None:
-                job = client.call("GET", f"/v1/jobs/{job_id}")
-            else:
-                job = {**jobs.get(store, job_id).to_dict(), "events": jobs.events(store, job_id)}
-            _show_job(job, as_json)
+            _show_job(queue.job(job_id), as_json)
             return
-        if client is not None:
-            params: dict[str, Any] = {"limit": limit, **({"status": state} if state else {})}
-            listed = client.call("GET", "/v1/jobs", params=params)["jobs"]
-        else:
-            statuses = tuple(state.split(",")) if state else None
-            listed = [j.to_dict() for j in jobs.list_jobs(store, statuses, limit=limit)]
+        listed = queue.jobs(tuple(state.split(",")) if state else None, limit)
     finally:
-        if client is not None:
-            client.close()
+        queue.close()
     if as_json:
         print(json.dumps(listed))
         return
@@ -267,63 +191,21 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
 ) -> None:
     """A job's output, all attempts (each after a header line)."""
-    store = open_store()
-    client = _client(store)
-    if client is not None:
-        try:
-            if not follow:
-                sys.stdout.write(_text(client, job_id))
-                return
-            with client.http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise NotFound(f"unknown job {job_id}") if r.status_code == 404 else AifabError(r.text)
-                for chunk in r.iter_bytes():
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-        finally:
-            client.close()
-        return
-    path = jobs.log_path(store, job_id)
-    offset = 0
-    while True:
-        ended = jobs.get(store, job_id).terminal
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-            offset += len(data)
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
-        if not follow or ended:
-            return
-        time.sleep(0.2)
-
-
-def _text(client: _Client, job_id: int) -> str:
-    import httpx
-
+    queue = open_queue(open_store())
     try:
-        r = client.http.get(f"/v1/jobs/{job_id}/logs")
-    except httpx.HTTPError as e:
-        raise AifabError(f"cannot reach the controller at {client.url}: {e}") from None
-    if r.status_code == 404:
-        raise NotFound(f"unknown job {job_id} (see `aifab status`)")
-    if r.status_code >= 400:
-        raise AifabError(r.text)
-    return r.text
+        for chunk in queue.logs(job_id, follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    finally:
+        queue.close()
 
 
 @app.command("cancel")
 def cancel(job_id: int = typer.Argument(..., metavar="JOB")) -> None:
     """Cancel a job: a pending one at once, a running one by SIGTERM (then SIGKILL after a grace period)."""
-    store = open_store()
-    client = _client(store)
-    if client is not None:
-        try:
-            job = client.call("POST", f"/v1/jobs/{job_id}/cancel")
-        finally:
-            client.close()
-    else:
-        job = jobs.cancel(store, job_id).to_dict()
+    queue = open_queue(open_store())
+    try:
+        job = queue.cancel(job_id)
+    finally:
+        queue.close()
     out.print(f"job {job_id}: {_status_text(job)}")

@@ -16,7 +16,7 @@ from aifab.meter.plan import plan as make_plan
 from aifab.spec import MeterSpec, load_spec
 
 # ledger stages that are the work of serving a model (the line's serving check writes "serve" rows charged to
-# ("model", model version id); see orchestrate/line.py)
+# ("model", model version id); see pipeline/line.py)
 SERVING_STAGES = ("serve",)
 
 

@@ -26,7 +26,8 @@ def run_command(
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON on the last line."),
 ) -> None:
     """Run the pipeline of FACTORY_YAML: its `stages:` DAG, or data -> train -> evaluate -> register."""
-    from aifab.orchestrate.pipeline import build_pipeline, plan, run_pipeline
+    from aifab.jobs.client import remote_control
+    from aifab.pipeline.dag import build_pipeline, plan, run_pipeline
 
     spec = load_spec(path)
     pipeline = build_pipeline(spec, path.parent)
@@ -47,56 +48,10 @@ def run_command(
 def control_plane(store: Any, spec: Any) -> Any:
     """An embedded control plane over this machine (or `orchestration.pool`), with the spec's policy, quotas
     and fair-share weights. It holds the store's controller lock until closed."""
-    from aifab.orchestrate.control import ControlPlane
-    from aifab.orchestrate.pipeline import control_settings
+    from aifab.jobs.control import ControlPlane
+    from aifab.pipeline.dag import control_settings
 
     return ControlPlane(store, **control_settings(spec))
-
-
-class RemoteControl:
-    """The pipeline's control plane when an `aifab controller` serves this store (it holds the store's lock, so
-    no embedded one may run): stages go to its HTTP API and share its pool with every other job. Its pool,
-    policy, quotas and weights are the controller's own, not factory.yaml's `orchestration:`."""
-
-    POLL_S = 0.5
-
-    def __init__(self, client: Any) -> None:
-        from aifab.orchestrate.policy import Node
-
-        self.client = client
-        health = client.call("GET", "/healthz")
-        self.nodes = [
-            Node(n["name"], tuple(range(int(n["gpus"]))), float(n["cpus"]), float(n["memory_gb"]))
-            for n in health.get("nodes", [])
-        ]
-
-    def submit(self, spec: Any) -> int:
-        return int(self.client.call("POST", "/v1/jobs", json=spec.model_dump())["id"])
-
-    def wait_any(self, job_ids: list[int]) -> Any:
-        import time
-        from types import SimpleNamespace
-
-        while True:
-            for job_id in job_ids:
-                job = self.client.call("GET", f"/v1/jobs/{job_id}")
-                if job["status"] in ("succeeded", "failed", "cancelled"):
-                    return SimpleNamespace(**{k: job.get(k) for k in ("id", "status", "result", "error")})
-            time.sleep(self.POLL_S)
-
-    def __enter__(self) -> "RemoteControl":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.close()
-
-
-def remote_control(store: Any) -> RemoteControl | None:
-    """The running controller of this store (AIFAB_CONTROL_URL, or the one its controller.json names), if any."""
-    from aifab.cli.jobs import _client
-
-    client = _client(store)
-    return None if client is None else RemoteControl(client)
 
 
 def summary_table(report: dict[str, Any], dry_run: bool) -> Table:
@@ -123,8 +78,8 @@ def stage_run(
     """Run one pipeline stage in this process and report its outputs to the job."""
     import sys
 
-    from aifab.orchestrate.attempt import EXIT_PREEMPTED
-    from aifab.orchestrate.stages import Preempted, run_task
+    from aifab.jobs.attempt import EXIT_PREEMPTED
+    from aifab.pipeline.stages import Preempted, run_task
 
     try:
         body = json.loads(task)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from aifab.cli.common import app, open_store, out
 from aifab.cli.data import resolve_dataset
 from aifab.errors import AifabError, NotFound
-from aifab.orchestrate import attempt
+from aifab.jobs import attempt
 from aifab.spec import FactorySpec, ModelSpec, TrainingSpec, load_spec
 from aifab.store import Store
 from aifab.store.names import check_name

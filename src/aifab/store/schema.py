@@ -72,7 +72,7 @@ class DatasetVersion(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # added in 0002: increments, curation report, the curated documents and the per-file index
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
-    engine: Mapped[str | None] = mapped_column(String(16))
+    executor: Mapped[str | None] = mapped_column(String(16))  # where curation ran: local or ray (renamed in 0006)
     curated_digest: Mapped[str | None] = mapped_column(String(64))  # Parquet: text + provenance columns
     index_digest: Mapped[str | None] = mapped_column(String(64))  # JSON: source file -> sha256, part, counts
     stages: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per-stage docs in/out, bytes removed, reasons
@@ -184,7 +184,7 @@ class LedgerEntry(Base):
 class Job(Base):
     """One unit of work the control plane schedules: a command with a resource request, a priority and a
     project. Its row is written when it is submitted, before anything runs, and each state change is one
-    committed update, so killing the control plane or an executor loses no job (see orchestrate.jobs).
+    committed update, so killing the control plane or an executor loses no job (see jobs.records).
 
     status: pending -> running -> succeeded | failed | cancelled; a preempted or retried job goes back to
     pending with `attempts` counting its starts. `not_before` holds a retry's backoff."""

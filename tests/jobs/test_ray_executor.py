@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from aifab.orchestrate import jobs
-from aifab.orchestrate.attempt import LAUNCH_FILE, STATE_FILE, read_json
-from aifab.orchestrate.control import ControlPlane
-from aifab.orchestrate.jobs import JobSpec
+from aifab.jobs import records
+from aifab.jobs.attempt import LAUNCH_FILE, STATE_FILE, read_json
+from aifab.jobs.control import ControlPlane
+from aifab.jobs.records import JobSpec
 from aifab.store import Store
 from helpers import until
 
@@ -58,7 +58,7 @@ def cluster() -> Iterator[Any]:
 @pytest.fixture
 def plane(cluster: Any, store: Store) -> Iterator[Callable[..., ControlPlane]]:
     """Makes the control plane of `store` with a RayExecutor on the workers (or the first `nodes` of them)."""
-    from aifab.orchestrate.ray_executor import RayExecutor, ray_nodes
+    from aifab.jobs.ray_executor import RayExecutor, ray_nodes
 
     made: list[ControlPlane] = []
 
@@ -81,7 +81,7 @@ def plane(cluster: Any, store: Store) -> Iterator[Callable[..., ControlPlane]]:
 
     yield make
     for cp in made:
-        for job in jobs.list_jobs(store, ("running",)):  # never leave an actor or a process behind
+        for job in records.list_jobs(store, ("running",)):  # never leave an actor or a process behind
             if job.handle:
                 cp.executor.kill(job.handle)
         cp.close()
@@ -92,19 +92,19 @@ def py(code: str) -> list[str]:
 
 
 def log_text(store: Store, job_id: int) -> str:
-    path = jobs.log_path(store, job_id)
+    path = records.log_path(store, job_id)
     return path.read_text(errors="replace") if path.exists() else ""
 
 
 def events(store: Store, job_id: int) -> list[str]:
-    return [e["event"] for e in jobs.events(store, job_id)]
+    return [e["event"] for e in records.events(store, job_id)]
 
 
 def test_a_job_runs_on_ray_with_its_log_and_result(store: Store, plane: Callable[..., ControlPlane]) -> None:
     cp = plane()
     code = """
         import os
-        from aifab.orchestrate import attempt
+        from aifab.jobs import attempt
         print("hello from", os.environ["AIFAB_JOB_ID"], "gpus", repr(os.environ["CUDA_VISIBLE_DEVICES"]))
         attempt.write_result({"answer": 42, "attempt": attempt.current().attempt})
     """
@@ -116,7 +116,7 @@ def test_a_job_runs_on_ray_with_its_log_and_result(store: Store, plane: Callable
     assert re.search(rf"=== job {job_id} attempt 1 started \S+ on 192\.0\.2\.2-\w{{8}} gpus \[0\] \(ray\) ===", log)
     assert f"hello from {job_id} gpus '0'" in log  # Ray's GPU assignment
     assert events(store, job_id) == ["submitted", "placed", "started", "succeeded"]
-    started = next(e["detail"] for e in jobs.events(store, job_id) if e["event"] == "started")
+    started = next(e["detail"] for e in records.events(store, job_id) if e["event"] == "started")
     assert started["handle"].startswith("ray:aifab-") and started["handle"].endswith(f":{job_id}:1")
     assert cp.executor.poll(started["handle"]) == 0  # the actor is released; exit.json still answers
 
@@ -136,18 +136,18 @@ PREEMPTIBLE = """
 def test_terminate_preempts_a_ray_job_which_is_requeued(
     store: Store, plane: Callable[..., ControlPlane], cluster: Any
 ) -> None:
-    from aifab.orchestrate.ray_executor import RayExecutor
+    from aifab.jobs.ray_executor import RayExecutor
 
     cp = plane(nodes=1)  # one GPU in the pool: the high-priority job must preempt the low one
     low = cp.submit(JobSpec(name="low", command=py(PREEMPTIBLE), gpus=1, preemptible=True, kind="train"))
     until(lambda: "waiting for SIGTERM" in log_text(store, low), "the low job to run", tick=cp.tick)
-    handle = jobs.get(store, low).handle
+    handle = records.get(store, low).handle
     assert handle is not None
     # another driver (a restarted control plane) finds the attempt by its handle alone
     other = subprocess.run(
         py(f"""
             from pathlib import Path
-            from aifab.orchestrate.ray_executor import RayExecutor
+            from aifab.jobs.ray_executor import RayExecutor
             ex = RayExecutor(Path({str(store.home)!r}))
             print(ex.reattach({handle!r}), ex.poll({handle!r}))
         """),
@@ -159,7 +159,7 @@ def test_terminate_preempts_a_ray_job_which_is_requeued(
     done = cp.wait(low, timeout_s=60)
     log = log_text(store, low)
     assert (done.status, done.attempts, done.preemptions) == ("succeeded", 2, 1), log
-    preempted = next(e["detail"] for e in jobs.events(store, low) if e["event"] == "preempted")
+    preempted = next(e["detail"] for e in records.events(store, low) if e["event"] == "preempted")
     assert preempted["exit_code"] == 75  # EXIT_PREEMPTED: SIGTERM reached the job's process, not a kill
     assert "got SIGTERM, checkpointed" in log and "second attempt: done" in log
     assert RayExecutor(store.home, WORKER).reattach(handle) is False  # that attempt's actor is gone
@@ -167,14 +167,14 @@ def test_terminate_preempts_a_ray_job_which_is_requeued(
 
 def test_a_control_plane_with_another_executor_refuses_ray_jobs(store: Store) -> None:
     from aifab.errors import AifabError
-    from aifab.orchestrate.policy import Node
+    from aifab.schedule.policy import Node
     from helpers import aifab
 
-    job_id = jobs.submit(store, JobSpec(command=["true"]))
-    jobs.transition(store, job_id, "placed", status="running", executor="ray", handle=f"ray:aifab-x:{job_id}:1")
+    job_id = records.submit(store, JobSpec(command=["true"]))
+    records.transition(store, job_id, "placed", status="running", executor="ray", handle=f"ray:aifab-x:{job_id}:1")
     with pytest.raises(AifabError, match=f"job {job_id} runs on the ray executor, not local: .*--executor ray"):
         ControlPlane(store, [Node("n1", (), 1.0, 1.0)])
-    assert jobs.get(store, job_id).status == "running"  # nothing touched
+    assert records.get(store, job_id).status == "running"  # nothing touched
     bad = aifab("controller", "--executor", "k8s", home=store.home)
     assert bad.returncode != 0 and "unknown executor 'k8s': choose local or ray" in bad.stderr
 
@@ -183,7 +183,7 @@ def test_a_control_plane_with_another_executor_refuses_ray_jobs(store: Store) ->
 def test_a_training_job_survives_the_loss_of_its_node(
     store: Store, plane: Callable[..., ControlPlane], cluster: Any, tmp_path: Path
 ) -> None:
-    from aifab.data.line import ingest
+    from aifab.data.ingest import ingest
     from aifab.spec import DataSpec
     from aifab.store.schema import Run
     from aifab.train.checkpoint import latest_complete
@@ -196,7 +196,7 @@ def test_a_training_job_survives_the_loss_of_its_node(
     cmd += ["--config", str(factory), "--name", "survivor", "--steps", str(STEPS)]
     cp = plane()
     job_id = cp.submit(JobSpec(name="train", command=cmd, cpus=1, memory_gb=0.5, kind="train", env={"COLUMNS": "200"}))
-    jdir = jobs.job_dir(store.home, job_id)
+    jdir = records.job_dir(store.home, job_id)
     run_id: list[str] = []
 
     def checkpointed() -> bool:
@@ -214,7 +214,7 @@ def test_a_training_job_survives_the_loss_of_its_node(
     done = cp.wait(job_id, timeout_s=120)
     log = log_text(store, job_id)
     assert (done.status, done.attempts) == ("succeeded", 2), log[-3000:]
-    trail = jobs.events(store, job_id)
+    trail = records.events(store, job_id)
     assert [e["event"] for e in trail] == ["submitted", "placed", "started", "lost", "placed", "started", "succeeded"]
     lost = next(e["detail"] for e in trail if e["event"] == "lost")
     assert (lost["attempt"], lost["exit_code"]) == (1, None)

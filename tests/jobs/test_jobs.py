@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from aifab.errors import AifabError, NotFound
-from aifab.orchestrate import attempt, jobs
-from aifab.orchestrate.jobs import JobConflict, JobSpec
+from aifab.jobs import attempt, records
+from aifab.jobs.records import JobConflict, JobSpec
 from aifab.store import Store
 
 
@@ -30,46 +30,46 @@ def test_bad_spec_names_the_field(data: dict[str, object], field: str) -> None:
 
 
 def test_submit_writes_a_pending_row_and_its_event(store: Store) -> None:
-    job_id = jobs.submit(store, JobSpec(command=["/bin/echo", "hi"], priority=3, project="research"))
-    info = jobs.get(store, job_id)
+    job_id = records.submit(store, JobSpec(command=["/bin/echo", "hi"], priority=3, project="research"))
+    info = records.get(store, job_id)
     assert (info.status, info.name, info.priority, info.project, info.attempts) == ("pending", "echo", 3, "research", 0)
     assert info.log_path == str(store.home / "jobs" / str(job_id) / "job.log")
-    assert [e["event"] for e in jobs.events(store, job_id)] == ["submitted"]
+    assert [e["event"] for e in records.events(store, job_id)] == ["submitted"]
     assert info.to_dict()["submitted_at"].startswith(str(info.submitted_at.year))
 
 
 def test_transition_only_from_the_expected_state(store: Store) -> None:
-    job_id = jobs.submit(store, JobSpec(command=["true"]))
-    assert not jobs.transition(store, job_id, "succeeded", expect=("running",), status="succeeded")
-    assert jobs.get(store, job_id).status == "pending"
-    assert jobs.transition(store, job_id, "placed", {"attempt": 1}, expect=("pending",), status="running")
-    assert jobs.get(store, job_id).status == "running"
-    assert [e["event"] for e in jobs.events(store, job_id)] == ["submitted", "placed"]
+    job_id = records.submit(store, JobSpec(command=["true"]))
+    assert not records.transition(store, job_id, "succeeded", expect=("running",), status="succeeded")
+    assert records.get(store, job_id).status == "pending"
+    assert records.transition(store, job_id, "placed", {"attempt": 1}, expect=("pending",), status="running")
+    assert records.get(store, job_id).status == "running"
+    assert [e["event"] for e in records.events(store, job_id)] == ["submitted", "placed"]
 
 
 def test_cancel_pending_running_and_finished(store: Store) -> None:
-    pending = jobs.submit(store, JobSpec(command=["true"]))
-    assert jobs.cancel(store, pending).status == "cancelled"
-    assert jobs.cancel(store, pending).status == "cancelled"  # again: a no-op
-    running = jobs.submit(store, JobSpec(command=["true"]))
-    jobs.transition(store, running, "placed", expect=("pending",), status="running")
-    info = jobs.cancel(store, running)
+    pending = records.submit(store, JobSpec(command=["true"]))
+    assert records.cancel(store, pending).status == "cancelled"
+    assert records.cancel(store, pending).status == "cancelled"  # again: a no-op
+    running = records.submit(store, JobSpec(command=["true"]))
+    records.transition(store, running, "placed", expect=("pending",), status="running")
+    info = records.cancel(store, running)
     assert (info.status, info.cancel_requested) == ("running", True)  # the control plane stops it
-    done = jobs.submit(store, JobSpec(command=["true"]))
-    jobs.transition(store, done, "succeeded", status="succeeded")
+    done = records.submit(store, JobSpec(command=["true"]))
+    records.transition(store, done, "succeeded", status="succeeded")
     with pytest.raises(JobConflict, match=f"job {done} already succeeded"):
-        jobs.cancel(store, done)
+        records.cancel(store, done)
     with pytest.raises(NotFound, match="unknown job 999"):
-        jobs.get(store, 999)
+        records.get(store, 999)
 
 
 def test_list_and_counts(store: Store) -> None:
-    ids = [jobs.submit(store, JobSpec(command=["true"], project=p)) for p in ("a", "b", "a")]
-    jobs.cancel(store, ids[0])
-    assert [j.id for j in jobs.list_jobs(store)] == ids
-    assert [j.id for j in jobs.list_jobs(store, ("pending",), project="a")] == [ids[2]]
-    assert [j.id for j in jobs.list_jobs(store, limit=2)] == ids[1:]
-    assert jobs.counts_by_status(store) == {"cancelled": 1, "pending": 2}
+    ids = [records.submit(store, JobSpec(command=["true"], project=p)) for p in ("a", "b", "a")]
+    records.cancel(store, ids[0])
+    assert [j.id for j in records.list_jobs(store)] == ids
+    assert [j.id for j in records.list_jobs(store, ("pending",), project="a")] == [ids[2]]
+    assert [j.id for j in records.list_jobs(store, limit=2)] == ids[1:]
+    assert records.counts_by_status(store) == {"cancelled": 1, "pending": 2}
 
 
 def test_attempt_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,10 +108,10 @@ def test_preemption_check_turns_sigterm_into_a_stop_reason() -> None:
 
 
 def test_totals_count_preemptions_and_retries_over_every_job(store: Store) -> None:
-    a, b = (jobs.submit(store, JobSpec(command=["true"])) for _ in range(2))
-    assert jobs.totals(store) == {"preemptions": 0, "retries": 0}
-    jobs.transition(store, a, "preempted", {"attempt": 1}, preemptions=2)
-    jobs.transition(store, b, "preempted", {"attempt": 1}, preemptions=1)
+    a, b = (records.submit(store, JobSpec(command=["true"])) for _ in range(2))
+    assert records.totals(store) == {"preemptions": 0, "retries": 0}
+    records.transition(store, a, "preempted", {"attempt": 1}, preemptions=2)
+    records.transition(store, b, "preempted", {"attempt": 1}, preemptions=1)
     for job_id in (a, b, b):
-        jobs.transition(store, job_id, "retrying", {"attempt": 1})
-    assert jobs.totals(store) == {"preemptions": 3, "retries": 3}
+        records.transition(store, job_id, "retrying", {"attempt": 1})
+    assert records.totals(store) == {"preemptions": 3, "retries": 3}

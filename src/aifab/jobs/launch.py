@@ -1,4 +1,4 @@
-"""The launcher the local executor runs for each attempt: `python -m aifab.orchestrate.launch -- CMD...`.
+"""The launcher the local executor runs for each attempt: `python -m aifab.jobs.launch -- CMD...`.
 
 It detaches (fork; the first process exits once the second has started the command), runs CMD in a
 process group of its own, forwards SIGTERM/SIGINT/SIGHUP to that group, and when CMD ends writes
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aifab.orchestrate.attempt import EXIT_FILE, LAUNCH_FILE, write_json_atomic
+from aifab.jobs.attempt import EXIT_FILE, LAUNCH_FILE, write_json_atomic
 
 EXIT_CANNOT_START = 127
 
@@ -88,7 +88,7 @@ def _launch_info(attempt: int, child_pid: int | None) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if "--" not in argv or argv.index("--") == len(argv) - 1:
-        print("usage: python -m aifab.orchestrate.launch -- COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python -m aifab.jobs.launch -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     command = argv[argv.index("--") + 1 :]
     job_dir, attempt = os.environ.get("AIFAB_JOB_DIR"), os.environ.get("AIFAB_JOB_ATTEMPT", "")

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from aifab.orchestrate.state import (
+from aifab.schedule.state import (
     _NONE,
     LAS_LIMITS_GPU_S,
     ClusterState,

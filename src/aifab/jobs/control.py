@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from aifab.errors import AifabError
-from aifab.orchestrate import jobs
-from aifab.orchestrate.attempt import EXIT_PREEMPTED, RESULT_FILE, read_json
-from aifab.orchestrate.executors import LOST, Executor, LocalExecutor, Poll
-from aifab.orchestrate.jobs import JobInfo, JobSpec
-from aifab.orchestrate.launch import EXIT_CANNOT_START
-from aifab.orchestrate.policy import (
+from aifab.jobs import records
+from aifab.jobs.attempt import EXIT_PREEMPTED, RESULT_FILE, read_json
+from aifab.jobs.executors import LOST, Executor, LocalExecutor, Poll
+from aifab.jobs.launch import EXIT_CANNOT_START
+from aifab.jobs.records import JobInfo, JobSpec
+from aifab.schedule.policy import (
     ClusterState,
     JobView,
     Node,
@@ -218,7 +218,7 @@ class ControlPlane:
         """Validate and queue a job; return its id. It starts on a later tick."""
         spec = spec if isinstance(spec, JobSpec) else JobSpec.parse(spec)
         self.check(spec)
-        return jobs.submit(self.store, spec)
+        return records.submit(self.store, spec)
 
     def wait(self, job_id: int, timeout_s: float | None = None) -> JobInfo:
         """Tick until job `job_id` is succeeded, failed or cancelled; its final row. JobTimeout after `timeout_s`."""
@@ -229,7 +229,7 @@ class ControlPlane:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             self.tick()
-            infos = [jobs.get(self.store, j) for j in job_ids]
+            infos = [records.get(self.store, j) for j in job_ids]
             done = next((i for i in infos if i.terminal), None)
             if done is not None:
                 return done
@@ -250,15 +250,15 @@ class ControlPlane:
     def recover(self) -> None:
         """On start: every row that says running is reattached when its attempt is still alive; else its end is
         read (exit.json) or it is marked lost and requeued. No row is dropped."""
-        for job in jobs.list_jobs(self.store, ("running",)):
+        for job in records.list_jobs(self.store, ("running",)):
             if job.executor not in (None, self.executor.name):  # its handle means nothing to this executor
                 raise AifabError(
                     f"job {job.id} runs on the {job.executor} executor, not {self.executor.name}: "
                     f"start the control plane with --executor {job.executor}"
                 )
             if job.handle is not None and self.executor.reattach(job.handle):
-                jobs.transition(self.store, job.id, "reattached", {"attempt": job.attempts, "handle": job.handle})
-                if jobs.count_events(self.store, job.id, "preempting", job.attempts):
+                records.transition(self.store, job.id, "reattached", {"attempt": job.attempts, "handle": job.handle})
+                if records.count_events(self.store, job.id, "preempting", job.attempts):
                     self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.preempt_grace_s)
             else:
                 self._watch(job, time.time())
@@ -267,9 +267,9 @@ class ControlPlane:
         """One round: reap and watch running attempts, then apply the policy's starts and preemptions."""
         with self._tick_lock:
             now_s = time.time()
-            for job in jobs.list_jobs(self.store, ("running",)):
+            for job in records.list_jobs(self.store, ("running",)):
                 self._watch(job, now_s)
-            active = jobs.list_jobs(self.store, jobs.ACTIVE)
+            active = records.list_jobs(self.store, records.ACTIVE)
             pending, running = [], []
             for job in active:
                 if job.status == "pending" and job.cancel_requested:
@@ -336,7 +336,7 @@ class ControlPlane:
     def _start(self, job: JobInfo, placement: Placement) -> None:
         where = placement_to_dict(placement)
         attempt = job.attempts + 1
-        placed = jobs.transition(
+        placed = records.transition(
             self.store,
             job.id,
             "placed",
@@ -355,20 +355,20 @@ class ControlPlane:
         )
         if not placed:  # cancelled meanwhile
             return
-        info = jobs.get(self.store, job.id)
+        info = records.get(self.store, job.id)
         try:
             handle = self.executor.start(info, placement)
         except (AifabError, OSError) as e:
             self._end_attempt(info, EXIT_CANNOT_START, time.time(), error=f"cannot start: {e}")
             return
-        jobs.transition(
+        records.transition(
             self.store, job.id, "started", {"attempt": attempt, "handle": handle}, expect=("running",), handle=handle
         )
 
     def _preempt(self, job: JobInfo, reason: str) -> None:
         if job.status != "running" or job.handle is None or job.id in self._stopping or not job.preemptible:
             return
-        jobs.transition(self.store, job.id, "preempting", {"attempt": job.attempts, "reason": reason})
+        records.transition(self.store, job.id, "preempting", {"attempt": job.attempts, "reason": reason})
         self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.preempt_grace_s)
         self.executor.terminate(job.handle)
 
@@ -387,17 +387,17 @@ class ControlPlane:
             stopping = self._stopping[job.id] = _Stopping(
                 "cancel", min(deadline, stopping.kill_at) if stopping else deadline
             )
-            jobs.transition(self.store, job.id, "terminating", {"attempt": job.attempts, "reason": "cancel"})
+            records.transition(self.store, job.id, "terminating", {"attempt": job.attempts, "reason": "cancel"})
             self.executor.terminate(job.handle)
         if stopping is not None and not stopping.killed and time.monotonic() >= stopping.kill_at:
             stopping.killed = True
-            jobs.transition(self.store, job.id, "killing", {"attempt": job.attempts, "reason": stopping.reason})
+            records.transition(self.store, job.id, "killing", {"attempt": job.attempts, "reason": stopping.reason})
             self.executor.kill(job.handle)
 
     def _end_attempt(self, job: JobInfo, res: Poll, now_s: float, error: str | None = None) -> None:
         stopping = self._stopping.pop(job.id, None)
         ran_s = max(0.0, now_s - job.started_at.timestamp()) if job.started_at else 0.0
-        result = read_json(jobs.job_dir(self.store.home, job.id) / RESULT_FILE)
+        result = read_json(records.job_dir(self.store.home, job.id) / RESULT_FILE)
         common: dict[str, Any] = {
             "attained_gpu_s": job.attained_gpu_s + job.gpus * ran_s,
             "handle": None,
@@ -411,12 +411,12 @@ class ControlPlane:
             if job.handle is not None:
                 self.executor.kill(job.handle)  # whatever the lost launcher left behind
             self._refreshed_at = float("-inf")  # a vanished attempt may mean a vanished node: read the pool
-            lost = jobs.count_events(self.store, job.id, "lost")
+            lost = records.count_events(self.store, job.id, "lost")
             if job.cancel_requested:
                 self._finish(job, "cancelled", {**detail, "by": "user"}, **common)
             elif lost < MAX_LOST:
                 why = error or "the attempt vanished without an exit code"
-                jobs.transition(
+                records.transition(
                     self.store, job.id, "lost", {**detail, "error": why}, expect=("running",), status="pending",
                     error=why, **common,
                 )  # fmt: skip
@@ -426,24 +426,24 @@ class ControlPlane:
             return
         assert isinstance(res, int)
         preempting = (stopping is not None and stopping.reason == "preempt") or (
-            stopping is None and jobs.count_events(self.store, job.id, "preempting", job.attempts) > 0
+            stopping is None and records.count_events(self.store, job.id, "preempting", job.attempts) > 0
         )
         if job.cancel_requested:
             self._finish(job, "cancelled", {**detail, "by": "user"}, **common)
         elif res == 0:
             self._finish(job, "succeeded", detail, **common)
         elif res == EXIT_PREEMPTED or (preempting and res in (-signal.SIGTERM, -signal.SIGKILL)):
-            jobs.transition(
+            records.transition(
                 self.store, job.id, "preempted", detail, expect=("running",), status="pending",
                 preemptions=job.preemptions + 1, **common,
             )  # fmt: skip
         else:
             why = error or exit_text(res)
-            retries = jobs.count_events(self.store, job.id, "retrying")
+            retries = records.count_events(self.store, job.id, "retrying")
             if retries < job.max_retries:
                 delay_s = job.backoff_s * 2**retries
                 not_before = datetime.now(UTC) + timedelta(seconds=min(delay_s, 1e9))
-                jobs.transition(
+                records.transition(
                     self.store, job.id, "retrying",
                     {**detail, "error": why, "retry": retries + 1, "delay_s": delay_s},
                     expect=("running",), status="pending", error=why, not_before=not_before, **common,
@@ -454,6 +454,6 @@ class ControlPlane:
     def _finish(
         self, job: JobInfo, status: str, detail: dict[str, Any], expect: str = "running", **values: Any
     ) -> None:
-        jobs.transition(
+        records.transition(
             self.store, job.id, status, detail, expect=(expect,), status=status, finished_at=utcnow(), **values
         )

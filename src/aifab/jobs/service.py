@@ -25,10 +25,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from aifab.errors import AifabError, NotFound
-from aifab.orchestrate import jobs
-from aifab.orchestrate.attempt import write_json_atomic
-from aifab.orchestrate.control import ControlPlane
-from aifab.orchestrate.jobs import JobConflict, JobSpec
+from aifab.jobs import records
+from aifab.jobs.attempt import write_json_atomic
+from aifab.jobs.control import ControlPlane
+from aifab.jobs.records import JobConflict, JobSpec
 from aifab.serve.server import error, require_bearer
 
 CONTROLLER_FILE = "controller.json"
@@ -44,11 +44,11 @@ class _JobMetrics(Collector):
     def collect(self) -> Iterable[Metric]:
         store = self.cp.store
         by_status = GaugeMetricFamily("aifab_jobs", "Jobs by state.", labels=["status"])
-        counts = jobs.counts_by_status(store)
-        for status in ("pending", "running", *jobs.TERMINAL):
+        counts = records.counts_by_status(store)
+        for status in ("pending", "running", *records.TERMINAL):
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
-        active = jobs.list_jobs(store, jobs.ACTIVE)
+        active = records.list_jobs(store, records.ACTIVE)
         yield GaugeMetricFamily(
             "aifab_queue_depth", "Pending jobs.", value=sum(1 for j in active if j.status == "pending")
         )
@@ -58,7 +58,7 @@ class _JobMetrics(Collector):
             value=sum(j.gpus for j in active if j.status == "running"),
         )
         yield GaugeMetricFamily("aifab_gpus", "GPUs in the pool.", value=sum(len(n.gpu_ids) for n in self.cp.nodes))
-        totals = jobs.totals(store)
+        totals = records.totals(store)
         yield CounterMetricFamily("aifab_job_preemptions", "Attempts stopped for others.", value=totals["preemptions"])
         yield CounterMetricFamily("aifab_job_retries", "Failed attempts retried.", value=totals["retries"])
 
@@ -115,24 +115,24 @@ def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
             job_id = cp.submit(spec)
         except AifabError as e:
             return error(400, str(e), kind="unplaceable_error")
-        return jobs.get(store, job_id).to_dict()
+        return records.get(store, job_id).to_dict()
 
     @app.get("/v1/jobs")
     def list_jobs(status: str | None = None, project: str | None = None, limit: int = 100) -> dict[str, Any]:
         statuses = tuple(status.split(",")) if status else None
-        return {"jobs": [j.to_dict() for j in jobs.list_jobs(store, statuses, project, max(1, min(limit, 10_000)))]}
+        return {"jobs": [j.to_dict() for j in records.list_jobs(store, statuses, project, max(1, min(limit, 10_000)))]}
 
     @app.get("/v1/jobs/{job_id}")
     def show(job_id: int) -> dict[str, Any]:
-        return {**jobs.get(store, job_id).to_dict(), "events": jobs.events(store, job_id)}
+        return {**records.get(store, job_id).to_dict(), "events": records.events(store, job_id)}
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: int) -> dict[str, Any]:
-        return jobs.cancel(store, job_id).to_dict()
+        return records.cancel(store, job_id).to_dict()
 
     @app.get("/v1/jobs/{job_id}/logs", response_model=None)
     def logs(job_id: int, follow: bool = False, offset: int = 0) -> Response:
-        path = jobs.log_path(store, job_id)  # unknown job -> 404
+        path = records.log_path(store, job_id)  # unknown job -> 404
         if not follow:
             return PlainTextResponse(_read_from(path, max(0, offset)).decode(errors="replace"))
         return StreamingResponse(_follow(cp, job_id, path, max(0, offset)), media_type="text/plain")
@@ -152,7 +152,7 @@ def _read_from(path: Path, offset: int) -> bytes:
 def _follow(cp: ControlPlane, job_id: int, path: Path, offset: int, poll_s: float = 0.2) -> Iterator[bytes]:
     """The log from `offset` on, as it grows, until the job has ended and everything is sent."""
     while True:
-        ended = jobs.get(cp.store, job_id).terminal  # read before the file: no line written before the end is missed
+        ended = records.get(cp.store, job_id).terminal  # read before the file: no line written before the end is missed
         while chunk := _read_chunk(path, offset):
             offset += len(chunk)
             yield chunk
@@ -172,7 +172,7 @@ def _read_chunk(path: Path, offset: int) -> bytes:
 
 def read_controller_file(home: Path) -> dict[str, Any] | None:
     """What a running controller wrote about itself ({"url", "pid", "token_required"}), if its process lives."""
-    from aifab.orchestrate.attempt import read_json
+    from aifab.jobs.attempt import read_json
 
     info = read_json(home / CONTROLLER_FILE)
     if not isinstance(info, dict) or not isinstance(info.get("pid"), int):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from aifab.data.line import ingest
-from aifab.orchestrate import jobs
-from aifab.orchestrate.attempt import STATE_FILE, read_json
-from aifab.orchestrate.control import ControlPlane
-from aifab.orchestrate.jobs import JobSpec
-from aifab.orchestrate.policy import Node
+from aifab.data.ingest import ingest
+from aifab.jobs import records
+from aifab.jobs.attempt import STATE_FILE, read_json
+from aifab.jobs.control import ControlPlane
+from aifab.jobs.records import JobSpec
+from aifab.schedule.policy import Node
 from aifab.spec import DataSpec
 from aifab.store import Store
 from aifab.store.schema import Run
@@ -40,36 +40,36 @@ def test_a_training_job_is_preempted_requeued_and_resumes_its_run(store: Store, 
         low = cp.submit(
             JobSpec(name="low", command=train_cmd, gpus=1, priority=0, preemptible=True, kind="train", env=wide)
         )
-        state = jobs.job_dir(store.home, low) / STATE_FILE
+        state = records.job_dir(store.home, low) / STATE_FILE
         until(lambda: (read_json(state) or {}).get("run_id"), "the training run to exist", tick=cp.tick, timeout_s=180)
         run_id = read_json(state)["run_id"]
         high = cp.submit(JobSpec(name="high", command=[sys.executable, "-c", "print('high ran')"], gpus=1, priority=10))
         done_high = cp.wait(high, timeout_s=180)
         assert done_high.status == "succeeded"
-        assert jobs.get(store, low).status in ("pending", "running")  # requeued, maybe restarted already
+        assert records.get(store, low).status in ("pending", "running")  # requeued, maybe restarted already
         done_low = cp.wait(low, timeout_s=300)
     finally:
-        for job in jobs.list_jobs(store, ("running",)):
+        for job in records.list_jobs(store, ("running",)):
             if job.handle:
                 cp.executor.kill(job.handle)
         cp.close()
 
-    log = jobs.log_path(store, low).read_text()
+    log = records.log_path(store, low).read_text()
     assert done_low.status == "succeeded", log[-3000:]
     assert (done_low.attempts, done_low.preemptions) == (2, 1)
-    trail = [e["event"] for e in jobs.events(store, low)]
+    trail = [e["event"] for e in records.events(store, low)]
     assert trail.count("preempting") == 1 and trail.count("preempted") == 1
-    preempted = next(e["detail"] for e in jobs.events(store, low) if e["event"] == "preempted")
+    preempted = next(e["detail"] for e in records.events(store, low) if e["event"] == "preempted")
     assert preempted["exit_code"] == 75  # EXIT_PREEMPTED: checkpointed, not killed
     # the high-priority job ran while the training job waited
-    high_events = jobs.events(store, high)
-    assert high_events[1]["at"] > next(e["at"] for e in jobs.events(store, low) if e["event"] == "preempted")
+    high_events = records.events(store, high)
+    assert high_events[1]["at"] > next(e["at"] for e in records.events(store, low) if e["event"] == "preempted")
     # attempt 1 stopped at a step > 0 with a checkpoint; attempt 2 resumed that run, not a new one
     stopped = re.search(rf"run {run_id} preempted at step (\d+)", log)
     assert stopped is not None, log[-3000:]
     assert 0 < int(stopped.group(1)) < STEPS
     assert f"resuming run {run_id}" in log
-    assert read_json(jobs.job_dir(store.home, low) / STATE_FILE)["run_id"] == run_id
+    assert read_json(records.job_dir(store.home, low) / STATE_FILE)["run_id"] == run_id
     with store.db.session() as s:
         run = s.get(Run, run_id)
         assert run is not None

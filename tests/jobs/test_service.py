@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aifab.orchestrate import jobs
-from aifab.orchestrate.control import ControlPlane
-from aifab.orchestrate.jobs import JobSpec
-from aifab.orchestrate.policy import Node
-from aifab.orchestrate.service import CONTROLLER_FILE, create_app
+from aifab.jobs import records
+from aifab.jobs.control import ControlPlane
+from aifab.jobs.records import JobSpec
+from aifab.jobs.service import CONTROLLER_FILE, create_app
+from aifab.schedule.policy import Node
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
 from helpers import aifab, cli_env, until
@@ -35,7 +35,7 @@ def plane(store: Store) -> Iterator[ControlPlane]:
     yield cp
     stop.set()
     loop.join(timeout=30)
-    for job in jobs.list_jobs(store, ("running",)):
+    for job in records.list_jobs(store, ("running",)):
         if job.handle:
             cp.executor.kill(job.handle)
     cp.close()
@@ -197,7 +197,7 @@ def test_the_controller_takes_quotas_and_its_pool_from_a_config(tmp_path: Path) 
     store = Store(home)
     try:
         nap = [sys.executable, "-c", "import time; time.sleep(2)"]
-        first, second = (jobs.submit(store, JobSpec(command=nap, gpus=1, project="research")) for _ in range(2))
+        first, second = (records.submit(store, JobSpec(command=nap, gpus=1, project="research")) for _ in range(2))
     finally:
         store.close()
     proc = subprocess.Popen(
@@ -207,11 +207,11 @@ def test_the_controller_takes_quotas_and_its_pool_from_a_config(tmp_path: Path) 
     try:
         store = Store(home)
         try:
-            until(lambda: jobs.get(store, second).status == "succeeded", "both jobs", timeout_s=120)
-            ends = {e["event"]: e["at"] for e in jobs.events(store, first)}
-            placed = {e["event"]: e["at"] for e in jobs.events(store, second)}
+            until(lambda: records.get(store, second).status == "succeeded", "both jobs", timeout_s=120)
+            ends = {e["event"]: e["at"] for e in records.events(store, first)}
+            placed = {e["event"]: e["at"] for e in records.events(store, second)}
             assert placed["placed"] >= ends["succeeded"]
-            assert {jobs.get(store, j).placement["node"] for j in (first, second)} == {"box"}  # type: ignore[index]
+            assert {records.get(store, j).placement["node"] for j in (first, second)} == {"box"}  # type: ignore[index]
         finally:
             store.close()
     finally:

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from aifab.errors import AifabError
-from aifab.orchestrate import attempt
+from aifab.jobs import attempt
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion, Run
 
@@ -48,7 +48,7 @@ def execute(store: Store, task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
-    from aifab.data.line import ingest
+    from aifab.data.ingest import ingest
     from aifab.spec import DataSpec, TokenizerSpec
 
     p = task["params"]
@@ -72,7 +72,7 @@ def _data(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
 
 
 def _train(store: Store, task: dict[str, Any], meter: Any) -> dict[str, Any]:
-    from aifab.orchestrate.line import budget_check
+    from aifab.pipeline.line import budget_check
     from aifab.spec import BudgetsSpec, ModelSpec, TrainingSpec
     from aifab.train.trainer import PREEMPTED, resume, train
 
@@ -181,7 +181,7 @@ def exec_command(task: dict[str, Any]) -> None:
     """Replace this process with a `uses: command` stage's argv, run in the factory.yaml's directory, with
     `AIFAB_STAGE_INPUTS` (upstream outputs) and `AIFAB_STAGE_PARAMS` (its `with:`) as JSON in its environment.
     The job's own environment (AIFAB_JOB_DIR...) passes through, so a Python command may call
-    `aifab.orchestrate.attempt.write_result` to hand outputs downstream."""
+    `aifab.jobs.attempt.write_result` to hand outputs downstream."""
     argv = task["params"]["run"]
     env = {
         **os.environ,

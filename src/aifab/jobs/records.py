@@ -6,7 +6,7 @@ transaction that updates the row (only if it is still in the state the caller ex
 
 States: pending -> running -> succeeded | failed | cancelled. A preempted, retried or lost attempt goes back
 to pending. Files of a job live in `$AIFAB_HOME/jobs/<id>/`: `job.log` (all attempts, a header line each)
-plus the files of `aifab.orchestrate.attempt`.
+plus the files of `aifab.jobs.attempt`.
 """
 
 from dataclasses import dataclass, fields

@@ -3,7 +3,7 @@ head-of-line blocking versus backfill, least attained service, and requests that
 
 import pytest
 
-from aifab.orchestrate.policy import (
+from aifab.schedule.policy import (
     LAS_LIMITS_GPU_S,
     LAS_MIN_RUN_S,
     ClusterState,

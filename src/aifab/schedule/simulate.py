@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aifab.orchestrate.policy import (
+from aifab.schedule.policy import (
     ClusterState,
     JobId,
     JobView,
@@ -27,7 +27,7 @@ from aifab.orchestrate.policy import (
     Start,
     unplaceable,
 )
-from aifab.orchestrate.traces import TraceError, TraceJob
+from aifab.schedule.traces import TraceError, TraceJob
 
 # A preempted training job resumes from its last checkpoint: it loses the steps since then plus the restart
 # (process start, reloading weights and optimiser state). 30 s of lost work per preemption.

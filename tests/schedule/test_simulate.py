@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from aifab.orchestrate.policy import ClusterState, make_policy
-from aifab.orchestrate.simulate import RESTART_COST_S, jain_index, simulate
-from aifab.orchestrate.traces import TraceError, TraceJob, read_trace_csv, synthetic_trace
+from aifab.schedule.policy import ClusterState, make_policy
+from aifab.schedule.simulate import RESTART_COST_S, jain_index, simulate
+from aifab.schedule.traces import TraceError, TraceJob, read_trace_csv, synthetic_trace
 
 ALL = ("fifo", "priority-fair", "default")
 

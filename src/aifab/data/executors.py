@@ -1,27 +1,25 @@
-"""Engines that run the per-file step of the data line (`curate_chunk`) over many files.
+"""Executors that run the per-file step of ingest (`curate_chunk`) over many files.
 
-Every engine returns the same entries in the same (input) order, so the corpus-wide steps that follow, and
-therefore the manifest, do not depend on the engine:
+Every executor returns the same entries in the same (input) order, so the corpus-wide steps that follow, and
+therefore the manifest, do not depend on the executor:
 - "local": in this process for a few files, else in a pool of worker processes (one per core).
 - "ray": as a Ray Data `map` over the file list, on the cluster `ray.init()` connects to. Workers write
   parts to the same artifact store, so on several nodes the store's home must be on a shared filesystem.
 """
 
-import contextlib
 import json
 import os
 from collections.abc import Callable
 from multiprocessing import get_context
 from typing import Any
 
+from aifab.data.chunks import chunks, curate_chunk
 from aifab.data.sources import SourceOptions
 from aifab.errors import DataError
 from aifab.spec import CurationSpec
 
-ENGINES = ("local", "ray")
+EXECUTORS = ("local", "ray")
 POOL_MIN_FILES = 64  # below this, starting worker processes costs more than it saves
-CHUNK_BYTES = 4 << 20  # on-disk bytes of consecutive files per task and per Parquet part
-CHUNK_FILES = 256
 
 
 def curate_files(
@@ -29,33 +27,18 @@ def curate_files(
     opts: SourceOptions,
     curation: CurationSpec,
     artifacts_root: str,
-    engine: str = "local",
+    executor: str = "local",
     on_done: Callable[[int], None] = lambda n: None,
 ) -> list[dict[str, Any]]:
     """One index entry per path, in the order of `paths`, from `curate_chunk` over consecutive chunks."""
-    if engine == "local":
+    if executor == "local":
         return _local(paths, opts, curation, artifacts_root, on_done)
-    if engine == "ray":
+    if executor == "ray":
         return _ray(paths, opts, curation, artifacts_root, on_done)
-    raise DataError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-
-
-def chunks(paths: list[str]) -> list[list[str]]:
-    """Consecutive runs of paths of about CHUNK_BYTES (or CHUNK_FILES files) each."""
-    out: list[list[str]] = [[]]
-    size = 0
-    for path in paths:
-        if out[-1] and (size >= CHUNK_BYTES or len(out[-1]) >= CHUNK_FILES):
-            out.append([])
-            size = 0
-        out[-1].append(path)
-        with contextlib.suppress(OSError):  # an unreadable file is counted by the reader
-            size += os.path.getsize(path)
-    return [c for c in out if c]
+    raise DataError(f"unknown executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
 
 
 def _one(args: tuple[list[str], SourceOptions, CurationSpec, str]) -> list[dict[str, Any]]:
-    from aifab.data.line import curate_chunk
     from aifab.store.artifacts import ArtifactStore
 
     paths, opts, curation, root = args

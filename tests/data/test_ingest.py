@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from aifab.data.line import ingest
+from aifab.data.ingest import ingest
 from aifab.data.parts import iter_docs
 from aifab.data.tokenize import EOT, is_val
 from aifab.errors import DataError

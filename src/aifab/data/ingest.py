@@ -16,7 +16,6 @@ its manifest artifact. Steps, each reported in the version's `stages`:
    and temp files (removed by the next run): never a half-written version.
 """
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -26,15 +25,15 @@ from typing import Any
 from sqlalchemy import select
 
 from aifab.console import progress
-from aifab.data.curate import Curator, Deduplicator, StageCount
-from aifab.data.engines import curate_files
+from aifab.data.chunks import curation_key
+from aifab.data.curate import Deduplicator, StageCount
+from aifab.data.executors import curate_files
 from aifab.data.parts import DocWriter, PartCache, iter_batches
-from aifab.data.sources import ReadStats, SourceOptions, file_sha256, list_files, read_file, stdlib_source
+from aifab.data.sources import SourceOptions, file_sha256, list_files, stdlib_source
 from aifab.data.tokenize import ShardWriter, encode_to_shards, split_of, train_tokenizer
 from aifab.errors import DataError
-from aifab.spec import CurationSpec, DataSpec, TokenizerSpec
+from aifab.spec import DataSpec, TokenizerSpec
 from aifab.store import Store
-from aifab.store.artifacts import ArtifactStore
 from aifab.store.lineage import link
 from aifab.store.names import check_name
 from aifab.store.schema import DatasetVersion
@@ -67,60 +66,13 @@ class IngestResult:
     timings_s: dict[str, float]  # wall seconds per step: curate, dedup, tokenizer, tokenize
 
 
-def curate_chunk(
-    paths: list[str], opts: SourceOptions, curation: CurationSpec, artifacts: ArtifactStore
-) -> list[dict[str, Any]]:
-    """Read and curate consecutive source files into one Parquet part (one small part per file would cost a
-    Parquet open per file later). Returns one index entry per file: the part digest and the file's row range
-    in it ([start, stop), part None when nothing survived), its read statistics and per-stage counts. Pure in
-    its inputs, so any worker can run it."""
-    # fingerprints for both dedup stages, whatever the spec enables, so a cached part serves any later setting
-    hasher = Deduplicator(curation.model_copy(update={"exact_dedup": True, "near_dedup": True}))
-    writer = DocWriter(artifacts, "part")
-    entries: list[dict[str, Any]] = []
-    try:
-        for path in paths:
-            stats, curator, start = ReadStats(), Curator(curation), writer.documents
-            for doc in read_file(Path(path), opts, stats):
-                kept = curator.process(doc)
-                if kept is not None:
-                    writer.write(kept, hasher.fingerprint(kept.text))
-            entries.append(
-                {
-                    "rows": [start, writer.documents],
-                    "read": {
-                        "files": stats.files,
-                        "bytes": stats.bytes,
-                        "documents": stats.documents,
-                        "skipped_files": stats.skipped_files,
-                        "skipped": dict(stats.skipped),
-                    },
-                    "stages": {name: asdict(count) for name, count in curator.counts.items()},
-                }
-            )
-    except BaseException:
-        writer.abort()
-        raise
-    part = writer.close()
-    for entry in entries:
-        entry["part"] = part if entry["rows"][1] > entry["rows"][0] else None
-    return entries
-
-
-def curation_key(opts: SourceOptions, curation: CurationSpec) -> str:
-    """Hash of every setting that changes a file's part: a part is reused only under the same key."""
-    per_file = curation.model_dump(exclude={"exact_dedup", "near_dedup", "near_dedup_threshold"})
-    body = json.dumps({"source": asdict(opts), "curation": per_file}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
 def ingest(
     store: Store,
     name: str,
     data: DataSpec,
     tokenizer: TokenizerSpec,
     *,
-    engine: str = "local",
+    executor: str = "local",
     tokenizer_from: str | None = None,
 ) -> IngestResult:
     """Add the next version of dataset `name`. With `tokenizer_from` (a model reference), the documents are
@@ -159,7 +111,7 @@ def ingest(
     with progress() as bar:
         task = bar.add_task("read + curate", total=len(todo))
         done = curate_files(
-            todo, opts, data.curation, str(store.artifacts.root), engine, lambda n: bar.advance(task, n)
+            todo, opts, data.curation, str(store.artifacts.root), executor, lambda n: bar.advance(task, n)
         )
     fresh = dict(zip(todo, done, strict=True))
     entries = {p: {"sha256": shas[p], **fresh[p]} if p in fresh else previous[p] for p in shas}
@@ -254,7 +206,7 @@ def ingest(
             tokenizer_digest=tokenizer_digest,
             params=params,
             parent_id=parent.id if parent else None,
-            engine=engine,
+            executor=executor,
             curated_digest=curated_digest,
             index_digest=index_digest,
             stages=stages,

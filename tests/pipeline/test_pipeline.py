@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import func, select
 
 from aifab.errors import SpecError
-from aifab.orchestrate import jobs
-from aifab.orchestrate.control import ControlPlane
-from aifab.orchestrate.jobs import job_dir
-from aifab.orchestrate.pipeline import PipelineReport, build_pipeline, plan, run_pipeline
-from aifab.orchestrate.policy import Node
+from aifab.jobs import records
+from aifab.jobs.control import ControlPlane
+from aifab.jobs.records import job_dir
+from aifab.pipeline.dag import PipelineReport, build_pipeline, plan, run_pipeline
+from aifab.schedule.policy import Node
 from aifab.spec import FactorySpec, parse_spec
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion, Job, ModelVersion, Run, RunMetric, StageRun
@@ -331,7 +331,7 @@ def test_aifab_run_submits_to_the_running_controller(tmp_path: Path) -> None:
     could not take the store's lock); the second run skips both stages."""
     import subprocess
 
-    from aifab.orchestrate.service import CONTROLLER_FILE
+    from aifab.jobs.service import CONTROLLER_FILE
     from helpers import cli_env
 
     home = tmp_path / "home"
@@ -383,6 +383,6 @@ stages:
     report = run(store, control, spec, tmp_path)
     assert statuses(report) == {"slow": "ran", "fast": "ran", "after_fast": "ran"}
     job = {s.name: s.job_id for s in report.stages}
-    slow_end = {e["event"]: e["at"] for e in jobs.events(store, job["slow"] or 0)}["succeeded"]
-    after_start = {e["event"]: e["at"] for e in jobs.events(store, job["after_fast"] or 0)}["placed"]
+    slow_end = {e["event"]: e["at"] for e in records.events(store, job["slow"] or 0)}["succeeded"]
+    after_start = {e["event"]: e["at"] for e in records.events(store, job["after_fast"] or 0)}["placed"]
     assert after_start < slow_end

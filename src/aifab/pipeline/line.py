@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aifab.data.line import ingest
+from aifab.data.ingest import ingest
 from aifab.errors import AifabError
 from aifab.evaluate import evaluate
 from aifab.meter.ledger import Charge, Meter, Prices, totals_for

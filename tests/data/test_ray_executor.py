@@ -1,11 +1,11 @@
-"""The Ray engine runs the same line on Ray Data and must agree with the local engine byte for byte."""
+"""The Ray executor runs the same ingest on Ray Data and must agree with the local executor byte for byte."""
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from aifab.data.line import ingest
+from aifab.data.ingest import ingest
 from aifab.spec import DataSpec
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion
@@ -34,12 +34,12 @@ def two_node_cluster() -> Iterator[None]:
         cluster.shutdown()
 
 
-def test_local_and_ray_engines_agree(two_node_cluster: None, store: Store, tmp_path: Path) -> None:
+def test_local_and_ray_executors_agree(two_node_cluster: None, store: Store, tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus", n_files=20)
     (corpus / "dup.py").write_text((corpus / "module_0.py").read_text())  # the dedup must agree too
     spec = DataSpec(sources=[str(corpus)], val_fraction=0.2)
     local = ingest(store, "local", spec, TINY_TOKENIZER)
-    on_ray = ingest(store, "ray", spec, TINY_TOKENIZER, engine="ray")
+    on_ray = ingest(store, "ray", spec, TINY_TOKENIZER, executor="ray")
     with store.db.session() as s:
         a, b = s.get(DatasetVersion, local.dataset_version_id), s.get(DatasetVersion, on_ray.dataset_version_id)
         assert a is not None and b is not None
@@ -48,6 +48,6 @@ def test_local_and_ray_engines_agree(two_node_cluster: None, store: Store, tmp_p
             b.curated_digest,
             b.tokenizer_digest,
         )
-        assert (a.engine, b.engine) == ("local", "ray")
+        assert (a.executor, b.executor) == ("local", "ray")
     assert local.stages == on_ray.stages
     assert local.stages["exact_dedup"]["docs_in"] - local.stages["exact_dedup"]["docs_out"] == 1

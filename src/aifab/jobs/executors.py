@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Final, Literal, Protocol
 
 from aifab.errors import AifabError
-from aifab.orchestrate.attempt import EXIT_FILE, LAUNCH_FILE, RESULT_FILE, read_json
-from aifab.orchestrate.jobs import JobInfo, job_dir
-from aifab.orchestrate.launch import alive, proc_start_ticks
-from aifab.orchestrate.policy import Placement
+from aifab.jobs.attempt import EXIT_FILE, LAUNCH_FILE, RESULT_FILE, read_json
+from aifab.jobs.launch import alive, proc_start_ticks
+from aifab.jobs.records import JobInfo, job_dir
+from aifab.schedule.policy import Placement
 
 LOST: Final = "lost"
 Poll = int | Literal["lost"] | None
@@ -90,7 +90,7 @@ class LocalExecutor:
             f.write(f"{header} ===\n".encode())
             f.flush()
             launcher = subprocess.Popen(
-                [sys.executable, "-m", "aifab.orchestrate.launch", "--", *job.command],
+                [sys.executable, "-m", "aifab.jobs.launch", "--", *job.command],
                 stdin=subprocess.DEVNULL,
                 stdout=f,
                 stderr=subprocess.STDOUT,
