@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel
 
 from aifab.errors import AifabError, SpecError
-from aifab.spec import EXAMPLE_YAML, DataSpec, FactorySpec, TrainingSpec, load_spec
+from aifab.spec import DataSpec, FactorySpec, TrainingSpec, example_yaml, load_spec
 
 
 def _write(tmp_path: Path, text: str, name: str = "factory.yaml") -> Path:
@@ -39,7 +39,7 @@ def test_defaults_validate() -> None:
 
 
 def test_example_yaml_loads_and_equals_defaults(tmp_path: Path) -> None:
-    spec = load_spec(_write(tmp_path, EXAMPLE_YAML))
+    spec = load_spec(_write(tmp_path, example_yaml()))
     assert spec == FactorySpec()
 
 
@@ -56,8 +56,8 @@ def _yaml_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_example_yaml_documents_every_key() -> None:
-    """EXAMPLE_YAML says it lists every key with its default; a new field must appear there too."""
-    assert _yaml_keys(yaml.safe_load(EXAMPLE_YAML)) == _keys(FactorySpec)
+    """The example factory.yaml says it lists every key with its default; a new field must appear there too."""
+    assert _yaml_keys(yaml.safe_load(example_yaml())) == _keys(FactorySpec)
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])

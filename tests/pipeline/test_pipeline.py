@@ -18,7 +18,8 @@ from aifab.errors import SpecError
 from aifab.jobs import records
 from aifab.jobs.control import ControlPlane
 from aifab.jobs.records import job_dir
-from aifab.pipeline.dag import PipelineReport, build_pipeline, plan, run_pipeline
+from aifab.pipeline.dag import build_pipeline
+from aifab.pipeline.runner import OnControl, PipelineReport, dry_run, run_pipeline
 from aifab.schedule.policy import Node
 from aifab.spec import FactorySpec, parse_spec
 from aifab.store import Store
@@ -57,7 +58,7 @@ def load(path: Path, text: str) -> FactorySpec:
 
 
 def run(store: Store, control: ControlPlane, spec: FactorySpec, base: Path, *force: str) -> PipelineReport:
-    return run_pipeline(store, build_pipeline(spec, base), control, force)
+    return run_pipeline(store, build_pipeline(spec, base), OnControl(control), force)
 
 
 def statuses(report: PipelineReport) -> dict[str, str]:
@@ -93,11 +94,11 @@ def test_a_second_run_skips_every_stage_and_a_change_reruns_only_what_it_reaches
     assert rows(store) == {"StageRun": 4, "Job": 4, "DatasetVersion": 1, "Run": 1, "ModelVersion": 1}
     assert {s.name: s.outputs for s in second.stages} == made  # the outputs are reused as they were
     assert {s.name: s.key for s in second.stages} == {s.name: s.key for s in first.stages}
-    assert all(p.status == "would-skip" for p in plan(store, build_pipeline(spec, factory.parent)).stages)
+    assert all(p.status == "would-skip" for p in dry_run(store, build_pipeline(spec, factory.parent)).stages)
 
     # one parameter of train: it and its descendants rerun, data is reused
     changed = load(factory, TINY.format(steps=5))
-    dry = plan(store, build_pipeline(changed, factory.parent))
+    dry = dry_run(store, build_pipeline(changed, factory.parent))
     assert statuses(dry) == {
         "data": "would-skip",
         "train": "would-run",
@@ -132,10 +133,10 @@ def test_outputs_gone_from_the_store_make_the_stage_run_again(
 
 def test_the_data_stage_key_follows_its_source_files(store: Store, factory: Path) -> None:
     spec = load(factory, TINY.format(steps=3))
-    before = plan(store, build_pipeline(spec, factory.parent)).stages[0].key
-    assert plan(store, build_pipeline(spec, factory.parent)).stages[0].key == before
+    before = dry_run(store, build_pipeline(spec, factory.parent)).stages[0].key
+    assert dry_run(store, build_pipeline(spec, factory.parent)).stages[0].key == before
     (factory.parent / "corpus" / "new.py").write_text("def added(): return 1\n" * 5)
-    assert plan(store, build_pipeline(spec, factory.parent)).stages[0].key != before
+    assert dry_run(store, build_pipeline(spec, factory.parent)).stages[0].key != before
 
 
 # ---- bad input is refused before anything runs -----------------------------------------------------------
@@ -182,7 +183,7 @@ def test_an_oversize_request_is_refused_before_any_stage_runs(
         "orchestration: {pool: [{name: n, cpus: 8, memory_gb: 8, gpus: 1}]}",
     )
     with pytest.raises(SpecError, match=r"stage 'train' can never run"):
-        run_pipeline(store, build_pipeline(load(factory, pool), factory.parent), control, nodes=None)
+        run_pipeline(store, build_pipeline(load(factory, pool), factory.parent), OnControl(control), nodes=None)
 
 
 @pytest.mark.parametrize(

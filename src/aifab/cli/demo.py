@@ -10,7 +10,7 @@ from rich.table import Table
 from aifab.cli.common import app, data_sources, open_store, out
 from aifab.console import err
 from aifab.errors import AifabError
-from aifab.spec import EXAMPLE_YAML, FactorySpec, load_spec
+from aifab.spec import FactorySpec, example_yaml, load_spec
 
 
 @app.command()
@@ -21,7 +21,7 @@ def init(
     """Write a commented example factory.yaml with every default spelled out."""
     if path.exists() and not force:
         raise AifabError(f"{path} already exists; pass --force to overwrite it")
-    path.write_text(EXAMPLE_YAML, encoding="utf-8")
+    path.write_text(example_yaml(), encoding="utf-8")
     out.print(f"wrote {path}; edit it, check it with `aifab validate {path}`, run it with `aifab demo --config {path}`")
 
 
@@ -58,7 +58,7 @@ def demo(
         spec = spec.model_copy(update={"training": training})
     store = open_store()
     err.print(f"[bold]aifab demo[/bold]: store at {store.home}")
-    report = run_line(store, spec, serve_check=not no_serve)
+    report = run_line(store, spec, serve_check=not no_serve, base=config.parent if config else None)
     print_report(report)
     if as_json:
         print(json.dumps(report, default=str))

@@ -56,7 +56,7 @@ def controller(
     store = open_store()
     settings: dict[str, Any] = {"nodes": None, "policy": "default"}  # nodes None: this machine
     if config is not None:
-        from aifab.pipeline.dag import control_settings
+        from aifab.pipeline.runner import control_settings
         from aifab.spec import load_spec
 
         settings = control_settings(load_spec(config))

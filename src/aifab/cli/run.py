@@ -22,36 +22,27 @@ def run_command(
     force: list[str] | None = typer.Option(
         None, "--force", metavar="STAGE", help="Rerun this stage and everything downstream of it; repeatable."
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (keys, what would be skipped); run nothing."),
+    dry: bool = typer.Option(False, "--dry-run", help="Print the plan (keys, what would be skipped); run nothing."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON on the last line."),
 ) -> None:
     """Run the pipeline of FACTORY_YAML: its `stages:` DAG, or data -> train -> evaluate -> register."""
-    from aifab.jobs.client import remote_control
-    from aifab.pipeline.dag import build_pipeline, plan, run_pipeline
+    from aifab.pipeline.dag import build_pipeline
+    from aifab.pipeline.runner import OnControl, dry_run, open_control, run_pipeline
 
     spec = load_spec(path)
     pipeline = build_pipeline(spec, path.parent)
     store = open_store()
-    if dry_run:
-        report = plan(store, pipeline, force or ())
+    if dry:
+        report = dry_run(store, pipeline, force or ())
     else:
-        with remote_control(store) or control_plane(store, spec) as control:
-            report = run_pipeline(store, pipeline, control, force or ())
-    out.print(summary_table(report.to_dict(), dry_run))
+        with open_control(store, spec) as control:
+            report = run_pipeline(store, pipeline, OnControl(control), force or ())
+    out.print(summary_table(report.to_dict(), dry))
     if as_json:
         print(json.dumps(report.to_dict(), default=str))
     if not report.ok:
         failed = [s for s in report.stages if s.status == "failed"]
         raise AifabError(f"pipeline {pipeline.name!r} failed at stage {failed[0].name!r}: {failed[0].error}")
-
-
-def control_plane(store: Any, spec: Any) -> Any:
-    """An embedded control plane over this machine (or `orchestration.pool`), with the spec's policy, quotas
-    and fair-share weights. It holds the store's controller lock until closed."""
-    from aifab.jobs.control import ControlPlane
-    from aifab.pipeline.dag import control_settings
-
-    return ControlPlane(store, **control_settings(spec))
 
 
 def summary_table(report: dict[str, Any], dry_run: bool) -> Table:
@@ -73,20 +64,21 @@ def _brief(outputs: dict[str, Any]) -> str:
 
 @stage_app.command("run")
 def stage_run(
-    task: str = typer.Option(..., "--task", help="The stage's task as JSON (see pipeline.job_spec)."),
+    task: str = typer.Option(..., "--task", help="The stage's task as JSON (see aifab.pipeline.contracts.Task)."),
 ) -> None:
     """Run one pipeline stage in this process and report its outputs to the job."""
     import sys
 
     from aifab.jobs.attempt import EXIT_PREEMPTED
+    from aifab.pipeline.contracts import Task
     from aifab.pipeline.stages import Preempted, run_task
 
     try:
-        body = json.loads(task)
+        body = Task.from_json(json.loads(task))
     except ValueError as e:
         raise SpecError(f"--task is not JSON: {e}") from None
     try:
         run_task(open_store(), body)
     except Preempted as e:
-        print(f"stage {body.get('stage')!r} preempted; run {e} resumes when rescheduled", file=sys.stderr)
+        print(f"stage {body.stage!r}: {e}; the run resumes when rescheduled", file=sys.stderr)
         raise typer.Exit(EXIT_PREEMPTED) from None

@@ -1,34 +1,22 @@
-"""Pipelines: the stages of a factory.yaml as a DAG, run as jobs on the control plane, skipped when unchanged.
+"""A factory.yaml's stages as a validated DAG, before anything runs.
 
-`build_pipeline(spec)` turns the spec into a validated `Pipeline` or raises `SpecError` naming the stage (a
-missing `needs`, a cycle, a stage with no upstream stage of the kind it reads). With no `stages:` section the
-pipeline is the line: data -> train -> evaluate -> register. `check_fits(pipeline, control)` refuses a stage
-whose resources no node of the pool can ever hold. Both run before anything is written.
-
-`run_pipeline(store, pipeline, control)` walks the DAG in topological order. A stage's key is the sha256 of its
-`uses`, its resolved parameters, a fingerprint of the files it reads and the outputs of every stage upstream
-of it (canonical JSON). A stage whose key matches a `done` StageRun whose outputs are still in the store is
-skipped and those outputs are reused; any other stage is submitted as one job (all ready stages at once, so
-independent branches run side by side) and recorded as a StageRun. A stage that fails after its retries
-stops its descendants; the other branches finish. `--force STAGE` reruns that stage and everything downstream
-of it. `plan(...)` is the dry run: what would be skipped, without submitting anything.
+`build_pipeline(spec)` turns the spec into a `Pipeline` or raises `SpecError` naming the stage (a missing
+`needs`, a cycle, a stage with no upstream stage of the kind it reads). With no `stages:` section the pipeline
+is the line: data -> train -> evaluate -> register. `check_fits(pipeline, nodes)` refuses a stage whose
+resources no node of the pool can ever hold. Both run before anything is written; cache.py keys the stages
+and runner.py runs them.
 """
 
-import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from sqlalchemy import select
-
-from aifab.errors import AifabError, SpecError
+from aifab.errors import SpecError
+from aifab.pipeline.cache import canonical
 from aifab.spec import FactorySpec, ResourcesSpec, StageSpec
-from aifab.store import Store
-from aifab.store.schema import DatasetVersion, ModelVersion, Run, StageRun, utcnow
 
 # The kinds of upstream stage each built-in stage reads, and how many it needs (min, max).
 READS: dict[str, dict[str, tuple[int, int]]] = {
@@ -38,7 +26,6 @@ READS: dict[str, dict[str, tuple[int, int]]] = {
     "register": {"train": (1, 1), "evaluate": (0, 1)},
     "command": {},
 }
-JOB_KINDS = {"data": "data", "train": "train", "evaluate": "evaluate"}  # the rest run as plain commands
 
 
 @dataclass(frozen=True)
@@ -64,7 +51,7 @@ class Pipeline:
     name: str
     base: Path  # the factory.yaml's directory: a command stage runs there
     stages: dict[str, Stage]  # in a topological order
-    meter: dict[str, Any]  # electricity prices for the ledger: not part of any key
+    prices: dict[str, float]  # the ledger's prices (factory.yaml's `meter:`): not part of any key
 
     def upstream(self, name: str) -> list[str]:
         """Every stage `name` depends on, directly or not, in topological order."""
@@ -84,13 +71,6 @@ class Pipeline:
             if out.intersection(st.needs):
                 out.add(n)
         return out
-
-
-class Control(Protocol):
-    """What the runner needs of a control plane (aifab.jobs.control.ControlPlane)."""
-
-    def submit(self, spec: Any) -> int: ...
-    def wait_any(self, job_ids: list[int]) -> Any: ...  # the first of them to end: an object with .id, .status...
 
 
 # ---- building and validating ---------------------------------------------------------------------------------
@@ -234,39 +214,9 @@ def _stdlib() -> str:
     return stdlib_source()
 
 
-def job_spec(store: Store, pipeline: Pipeline, stage: Stage, inputs: dict[str, Any] | None = None) -> Any:
-    """The JobSpec that runs `stage` with `inputs` (upstream outputs): `aifab stage run` in a fresh process."""
-    from aifab.jobs.records import JobSpec
-
-    task = {
-        "pipeline": pipeline.name,
-        "stage": stage.name,
-        "uses": stage.uses,
-        "params": stage.params,
-        "inputs": inputs or {},
-        "meter": pipeline.meter,
-        "base": str(pipeline.base),
-    }
-    command = [sys.executable, "-m", "aifab", "--home", str(store.home), "stage", "run", "--task", canonical(task)]
-    return JobSpec(
-        name=f"{pipeline.name}.{stage.name}"[:128],
-        command=command,
-        project=stage.project,
-        priority=stage.priority,
-        kind=JOB_KINDS.get(stage.uses, "command"),
-        gpus=stage.resources.gpus,
-        cpus=stage.resources.cpus,
-        memory_gb=stage.resources.memory_gb,
-        preemptible=stage.uses == "train",  # it checkpoints on SIGTERM and resumes
-        max_retries=stage.retries,
-        backoff_s=stage.backoff_s,
-        env=dict(stage.params.get("env", {})) if stage.uses == "command" else {},
-    )
-
-
 def pool_nodes(spec: FactorySpec, control: Any = None) -> list[Any] | None:
     """The pool stages must fit: `orchestration.pool` when set, else the control plane's nodes (None: unknown)."""
-    from aifab.schedule.policy import Node
+    from aifab.schedule.state import Node
 
     pool = spec.orchestration.pool
     if pool is not None:
@@ -275,20 +225,10 @@ def pool_nodes(spec: FactorySpec, control: Any = None) -> list[Any] | None:
     return list(nodes) if nodes is not None else None
 
 
-def control_settings(spec: FactorySpec) -> dict[str, Any]:
-    """ControlPlane keyword arguments from factory.yaml's `orchestration:` section: the pool (None: this
-    machine), the policy, per-project quotas (a missing field is unlimited) and fair-share weights."""
-    from aifab.schedule.policy import Resources
-
-    orch = spec.orchestration
-    quotas = {p: Resources(q.gpus or 0, q.cpus or 0.0, q.memory_gb or 0.0) for p, q in (orch.quotas or {}).items()}
-    return {"nodes": pool_nodes(spec), "policy": orch.policy, "quotas": quotas or None, "weights": orch.weights}
-
-
 def check_fits(pipeline: Pipeline, nodes: Iterable[Any] | None) -> None:
     """Refuse, before anything runs, a stage whose request no node (or gang of nodes) of the pool could hold
-    even when the pool is empty. `nodes`: policy.Node objects; None skips the check."""
-    from aifab.schedule.policy import Resources, unplaceable
+    even when the pool is empty. `nodes`: schedule.state.Node objects; None skips the check."""
+    from aifab.schedule.state import Resources, unplaceable
 
     if nodes is None:
         return
@@ -298,226 +238,3 @@ def check_fits(pipeline: Pipeline, nodes: Iterable[Any] | None) -> None:
         reason = unplaceable(Resources(r.gpus, r.cpus, r.memory_gb), nodes)
         if reason:
             raise SpecError(f"stage {stage.name!r} can never run: it {reason}; lower its `resources:`")
-
-
-# ---- keys and the cache --------------------------------------------------------------------------------------
-
-
-def canonical(value: Any) -> str:
-    """JSON with sorted keys and no spaces: equal values give equal text, so equal keys."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
-
-
-def fingerprint(paths: Iterable[str], extensions: Iterable[str] | None = None) -> list[list[Any]]:
-    """(path, size, mtime_ns) of every file under `paths`, sorted: a stat per file, no reads. Cheap on a large
-    corpus; a touched file makes the stage rerun (and the data stage itself then reuses unchanged files by
-    content), while an edit that keeps both size and mtime_ns is missed."""
-    from aifab.data.sources import list_files
-
-    files: list[Path] = []
-    for p in paths:
-        if extensions is not None or not os.path.isdir(p):
-            files.extend(list_files([p], list(extensions or [])) if extensions is not None else [Path(p)])
-        else:
-            files.extend(Path(root) / f for root, _, names in os.walk(p) for f in names)
-    out = []
-    for f in sorted(set(files)):
-        try:
-            st = f.stat()
-        except OSError as e:
-            raise AifabError(f"cannot read {f}: {e.strerror}") from None
-        out.append([str(f), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def stage_key(pipeline: Pipeline, stage: Stage, outputs: dict[str, dict[str, Any]]) -> str:
-    """sha256 of what the stage runs with: uses, params, its files' fingerprint and the outputs upstream."""
-    upstream = {u: outputs[u] for u in pipeline.upstream(stage.name)}
-    body = {
-        "uses": stage.uses,
-        "params": stage.params,
-        "files": fingerprint(stage.deps, stage.extensions) if stage.deps else [],
-        "upstream": upstream,
-    }
-    return hashlib.sha256(canonical(body).encode()).hexdigest()
-
-
-def cached(store: Store, pipeline: str, stage: Stage, key: str) -> StageRun | None:
-    """The newest `done` StageRun of this stage with this key whose outputs are still in the store."""
-    if not stage.cache:
-        return None
-    with store.db.session() as s:
-        rows = list(
-            s.scalars(
-                select(StageRun)
-                .where(StageRun.pipeline == pipeline, StageRun.stage == stage.name, StageRun.input_hash == key)
-                .where(StageRun.status == "done")
-                .order_by(StageRun.id.desc())
-            )
-        )
-        for row in rows:
-            if outputs_exist(store, stage.uses, row.outputs or {}):
-                s.expunge(row)
-                return row
-    return None
-
-
-def outputs_exist(store: Store, uses: str, outputs: dict[str, Any]) -> bool:
-    """Whether what a done stage made is still there: its rows, and the artifacts the next stage reads."""
-    with store.db.session() as s:
-        if uses == "data":
-            ds = s.get(DatasetVersion, outputs.get("dataset_version_id"))
-            return ds is not None and store.artifacts.exists(ds.manifest_digest)
-        if uses == "train":
-            run = s.get(Run, outputs.get("run_id"))
-            digest = str(outputs.get("checkpoint_digest") or "")
-            return run is not None and run.status == "completed" and bool(digest) and store.artifacts.exists(digest)
-        if uses == "register":
-            return s.get(ModelVersion, outputs.get("model_version_id")) is not None
-    return True  # evaluate and command stages leave nothing in the store but their outputs themselves
-
-
-# ---- running -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StageOutcome:
-    name: str
-    status: str  # skipped | ran | failed | blocked | would-run | would-skip
-    key: str | None = None  # None: not known yet (an upstream stage would run first)
-    job_id: int | None = None
-    stage_run_id: int | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-
-@dataclass
-class PipelineReport:
-    pipeline: str
-    stages: list[StageOutcome]
-
-    @property
-    def ok(self) -> bool:
-        return all(s.status in ("skipped", "ran", "would-run", "would-skip") for s in self.stages)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pipeline": self.pipeline,
-            "ok": self.ok,
-            "stages": [
-                {
-                    "stage": s.name,
-                    "status": s.status,
-                    "key": s.key,
-                    "job_id": s.job_id,
-                    "stage_run_id": s.stage_run_id,
-                    "outputs": s.outputs,
-                    "error": s.error,
-                }
-                for s in self.stages
-            ],
-        }
-
-
-def _check_force(pipeline: Pipeline, force: Iterable[str]) -> set[str]:
-    force = list(force)
-    for name in force:
-        if name not in pipeline.stages:
-            raise SpecError(f"--force {name!r}: no such stage (stages: {', '.join(pipeline.stages)})")
-    return pipeline.downstream(force)
-
-
-def plan(store: Store, pipeline: Pipeline, force: Iterable[str] = ()) -> PipelineReport:
-    """The dry run: each stage's key (when its upstream is known) and whether it would be skipped."""
-    forced = _check_force(pipeline, force)
-    outputs: dict[str, dict[str, Any]] = {}
-    report = []
-    for name, stage in pipeline.stages.items():
-        if any(u not in outputs for u in pipeline.upstream(name)):
-            report.append(StageOutcome(name, "would-run"))  # an upstream stage runs first: its outputs decide
-            continue
-        key = stage_key(pipeline, stage, outputs)
-        hit = None if name in forced else cached(store, pipeline.name, stage, key)
-        if hit is None:
-            report.append(StageOutcome(name, "would-run", key))
-        else:
-            outputs[name] = hit.outputs
-            report.append(StageOutcome(name, "would-skip", key, hit.job_id, hit.id, hit.outputs))
-    return PipelineReport(pipeline.name, report)
-
-
-def run_pipeline(
-    store: Store,
-    pipeline: Pipeline,
-    control: Control,
-    force: Iterable[str] = (),
-    nodes: Iterable[Any] | None = None,
-) -> PipelineReport:
-    """Run the DAG to the end; returns each stage's outcome (a failed stage does not raise: see report.ok).
-    Bad `force` names and stages too large for `nodes` (default: the control plane's) are refused first."""
-    forced = _check_force(pipeline, force)
-    check_fits(pipeline, nodes if nodes is not None else getattr(control, "nodes", None))
-    outcomes = {n: StageOutcome(n, "pending") for n in pipeline.stages}
-    outputs: dict[str, dict[str, Any]] = {}
-    running: list[str] = []  # stages with a job in flight
-    while True:
-        for name, stage in pipeline.stages.items():
-            oc = outcomes[name]
-            if oc.status != "pending":
-                continue
-            bad = [u for u in stage.needs if outcomes[u].status in ("failed", "blocked")]
-            if bad:
-                oc.status, oc.error = "blocked", f"not run: {bad[0]!r} did not finish"
-                continue
-            if any(outcomes[u].status not in ("skipped", "ran") for u in stage.needs):
-                continue
-            oc.key = stage_key(pipeline, stage, outputs)
-            hit = None if name in forced else cached(store, pipeline.name, stage, oc.key)
-            if hit is not None:
-                oc.status, oc.job_id, oc.stage_run_id, oc.outputs = "skipped", hit.job_id, hit.id, hit.outputs
-                outputs[name] = hit.outputs
-                continue
-            _submit(store, pipeline, stage, oc, outputs, control)
-            running.append(name)
-        if not running:
-            break
-        # whichever stage ends first frees its dependants, however long the others run
-        info = control.wait_any([outcomes[n].job_id or 0 for n in running])
-        name = next(n for n in running if outcomes[n].job_id == info.id)
-        running.remove(name)
-        _finish(store, outcomes[name], info, outputs)
-    return PipelineReport(pipeline.name, list(outcomes.values()))
-
-
-def _submit(
-    store: Store,
-    pipeline: Pipeline,
-    stage: Stage,
-    oc: StageOutcome,
-    outputs: dict[str, dict[str, Any]],
-    control: Control,
-) -> None:
-    inputs = {u: {"uses": pipeline.stages[u].uses, "outputs": outputs[u]} for u in pipeline.upstream(stage.name)}
-    oc.job_id = control.submit(job_spec(store, pipeline, stage, inputs))
-    with store.db.session() as s:
-        row = StageRun(pipeline=pipeline.name, stage=stage.name, input_hash=oc.key, status="running", job_id=oc.job_id)
-        s.add(row)
-        s.flush()
-        oc.stage_run_id = row.id
-    oc.status = "running"
-
-
-def _finish(store: Store, oc: StageOutcome, info: Any, outputs: dict[str, dict[str, Any]]) -> None:
-    ok = info.status == "succeeded"
-    oc.status = "ran" if ok else "failed"
-    oc.outputs = dict(info.result or {}) if ok else {}
-    if ok:
-        outputs[oc.name] = oc.outputs
-    else:
-        oc.error = f"job {oc.job_id} {info.status}" + (f": {info.error}" if info.error else "")
-    with store.db.session() as s:
-        row = s.get(StageRun, oc.stage_run_id)
-        assert row is not None
-        row.status = "done" if ok else "failed"
-        row.outputs = oc.outputs if ok else {"error": oc.error}
-        row.finished_at = utcnow()

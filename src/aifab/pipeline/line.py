@@ -1,76 +1,48 @@
-"""Run the whole line once, in this process: ingest -> train -> evaluate -> register -> serve check.
+"""The demo: the whole line once, in this process, then a serving check and a report.
 
-Each stage hands the next only ids and digests read back from the store, so any stage could run in
-another process. Every stage is metered into the ledger. Returns the report `aifab demo` prints.
+`run_line` runs the default pipeline (data -> train -> evaluate -> register; a `stages:` section is ignored)
+through the same runner and stage bodies as `aifab run`, in this process instead of as jobs, and with every
+stage forced: the demo always makes a new dataset, run and model version. Stages still record StageRuns, so a
+later `aifab run` of the same factory.yaml reuses what the demo made. Every stage is metered, and what no stage
+measured (registration, the hand-offs) is booked as `line-idle`, so the line's ledger rows add up to the energy
+counter's difference over the whole line. Returns the report `aifab demo` prints.
 """
 
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from aifab.data.ingest import ingest
 from aifab.errors import AifabError
-from aifab.evaluate import evaluate
 from aifab.meter.ledger import Charge, Meter, Prices, totals_for
-from aifab.registry.models import register
-from aifab.spec import BudgetsSpec, FactorySpec
+from aifab.pipeline.contracts import DataOutput, EvalOutput, RegisterOutput, TrainOutput
+from aifab.pipeline.dag import build_pipeline
+from aifab.pipeline.runner import InProcess, run_pipeline
+from aifab.spec import FactorySpec
 from aifab.store import Store
-from aifab.store.schema import DatasetVersion
-from aifab.train.trainer import train
 
 
-def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> dict[str, Any]:
+def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True, base: Path | None = None) -> dict[str, Any]:
+    """Run the line on `spec` (relative data paths against `base`, default the working directory)."""
     meter = Meter(store.db, Prices(**spec.meter.model_dump()))
     t0 = time.perf_counter()
     line_start_j = meter.sampler.energy_j()
 
-    with meter.measure("data", "dataset") as charge:
-        ds = ingest(store, spec.name, spec.data, spec.tokenizer)
-        charge.subject_id, charge.tokens_out = str(ds.dataset_version_id), ds.tokens
+    pipeline = build_pipeline(spec.model_copy(update={"stages": None}), base or Path.cwd())
+    report = run_pipeline(store, pipeline, InProcess(meter), force=list(pipeline.stages))
+    ds = DataOutput.from_json(report.outputs("data"))
+    tr = TrainOutput.from_json(report.outputs("train"))
+    ev = EvalOutput.from_json(report.outputs("evaluate"))
+    mv = RegisterOutput.from_json(report.outputs("register"))
+    model_name, _, model_version = mv.model.partition(":")
 
-    with meter.measure("train", "run") as charge:
-        tr = train(store, ds.dataset_version_id, spec.model, spec.training, budget_check(meter, spec.budgets))
-        charge.subject_id, charge.tokens_in = tr.run_id, tr.tokens
-
-    with store.db.session() as s:
-        row = s.get(DatasetVersion, ds.dataset_version_id)
-        assert row is not None
-        manifest_digest = row.manifest_digest
-    with meter.measure("evaluate", "run", tr.run_id):
-        ev = evaluate(
-            store,
-            tr.checkpoint_digest,
-            tr.tokenizer_digest,
-            manifest_digest,
-            batches=spec.evaluation.batches,
-            batch_size=spec.training.batch_size,
-            prompts=spec.evaluation.prompts,
-            max_new_tokens=spec.evaluation.max_new_tokens,
-            seed=spec.training.seed,
-        )
-
-    mv = register(
-        store,
-        spec.name,
-        weights_digest=tr.checkpoint_digest,
-        tokenizer_digest=tr.tokenizer_digest,
-        config=tr.model_config,
-        params_count=tr.params,
-        run_id=tr.run_id,
-        dataset_version_id=ds.dataset_version_id,
-        aliases=("latest",),
-        metrics={"val_loss": ev.val_loss, "perplexity": ev.perplexity, "val_loss_initial": tr.val_loss_initial},
-    )
-    model_ref = f"{mv.name}:{mv.version}"
-
-    serving: dict[str, Any] = {"command": f"aifab --home {store.home} serve {model_ref}"}
+    serving: dict[str, Any] = {"command": f"aifab --home {store.home} serve {mv.model}"}
     if serve_check and spec.serving.requests > 0:
-        with meter.measure("serve", "model", str(mv.id)) as charge:
-            serving.update(check_serving(store, model_ref, spec))
+        with meter.measure("serve", "model", str(mv.model_version_id)) as charge:
+            serving.update(check_serving(store, mv.model, spec))
             charge.tokens_in = sum(r["prompt_tokens"] for r in serving["requests"])
             charge.tokens_out = sum(r["completion_tokens"] for r in serving["requests"])
 
-    subjects = [("dataset", str(ds.dataset_version_id)), ("run", tr.run_id), ("model", str(mv.id))]
+    subjects = [("dataset", str(ds.dataset_version_id)), ("run", tr.run_id), ("model", str(mv.model_version_id))]
     # what no stage measured (registration, the hand-offs between stages) is booked too, so the line's rows
     # add up to the counter's difference over the whole line
     idle_j = meter.sampler.energy_j() - line_start_j - totals_for(store.db, subjects)["energy_j"]
@@ -79,7 +51,7 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
             Charge(
                 stage="line-idle",
                 subject_kind="model",
-                subject_id=str(mv.id),
+                subject_id=str(mv.model_version_id),
                 energy_j=idle_j,
                 cost_usd=meter.prices.cost_usd(idle_j),
                 co2_g=meter.prices.co2_g(idle_j),
@@ -90,7 +62,7 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
     spent = totals_for(store.db, subjects)
     return {
         "data": {
-            "dataset": f"{ds.name}:{ds.version}",
+            "dataset": ds.dataset,
             "files": ds.files,
             "bytes": ds.bytes,
             "documents": ds.documents,
@@ -102,9 +74,9 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
             "elapsed_s": ds.elapsed_s,
         },
         "model": {
-            "name": mv.name,
-            "version": mv.version,
-            "ref": model_ref,
+            "name": model_name,
+            "version": int(model_version),
+            "ref": mv.model,
             "params": tr.params,
             "config": tr.model_config,
         },
@@ -123,7 +95,7 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
             "val_loss": ev.val_loss,
             "perplexity": ev.perplexity,
             "val_tokens": ev.val_tokens,
-            "samples": [{"prompt": p, "completion": c} for p, c in ev.samples],
+            "samples": ev.samples,
         },
         "serving": serving,
         "energy_j": spent["energy_j"],
@@ -135,21 +107,6 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True) -> di
         "elapsed_s": time.perf_counter() - t0,
         "home": str(store.home),
     }
-
-
-def budget_check(meter: Meter, budgets: BudgetsSpec) -> Callable[[], str | None]:
-    """A stop_check for the trainer: the energy or cost budget, measured from the start of training."""
-    start_j = meter.sampler.energy_j()
-
-    def check() -> str | None:
-        spent_j = meter.spent_j(start_j)
-        if budgets.energy_j is not None and spent_j >= budgets.energy_j:
-            return "energy budget"
-        if budgets.cost_usd is not None and meter.prices.cost_usd(spent_j) >= budgets.cost_usd:
-            return "cost budget"
-        return None
-
-    return check
 
 
 def check_serving(store: Store, model_ref: str, spec: FactorySpec) -> dict[str, Any]:
