@@ -49,4 +49,4 @@ def test_the_lines_rows_add_up_to_the_counter(store: Store, tmp_path: Path, monk
     assert stages == {"data", "train", "evaluate", "line-idle"}
     assert total == pytest.approx(last - first)
     assert idle.energy_j > 0 and idle.subject_kind == "model"
-    assert report["energy_j"] == pytest.approx(last - first)
+    assert report.energy_j == pytest.approx(last - first)

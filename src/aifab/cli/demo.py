@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -11,6 +11,9 @@ from aifab.cli.common import app, data_sources, open_store, out
 from aifab.console import err
 from aifab.errors import AifabError
 from aifab.spec import FactorySpec, example_yaml, load_spec
+
+if TYPE_CHECKING:
+    from aifab.pipeline.line import LineReport
 
 
 @app.command()
@@ -61,52 +64,46 @@ def demo(
     report = run_line(store, spec, serve_check=not no_serve, base=config.parent if config else None)
     print_report(report)
     if as_json:
-        print(json.dumps(report, default=str))
+        print(json.dumps(report.to_json(), default=str))
 
 
-def print_report(r: dict[str, Any]) -> None:
-    d, m, t, e, s = r["data"], r["model"], r["train"], r["evaluate"], r["serving"]
+def print_report(r: "LineReport") -> None:
+    d, t, e, cfg = r.data, r.train, r.evaluate, r.train.model_config
     table = Table(title="aifab demo report", show_header=True, header_style="bold")
     table.add_column("stage")
     table.add_column("result")
     table.add_row(
         "data",
-        f"{d['files']:,} files, {d['bytes'] / 1e6:,.1f} MB, {d['tokens']:,} tokens "
-        f"(train {d['train_tokens']:,} / val {d['val_tokens']:,}), vocab {d['vocab_size']:,}, "
-        f"{d['elapsed_s']:.1f} s",
+        f"{d.files:,} files, {d.bytes / 1e6:,.1f} MB, {d.tokens:,} tokens "
+        f"(train {d.train_tokens:,} / val {d.val_tokens:,}), vocab {d.vocab_size:,}, {d.elapsed_s:.1f} s",
     )
     table.add_row(
         "model",
-        f"{m['ref']}: {m['params'] / 1e6:.2f}M parameters, {m['config']['n_layer']} layers, "
-        f"d_model {m['config']['d_model']}, context {m['config']['context_len']}",
+        f"{r.model.model}: {t.params / 1e6:.2f}M parameters, {cfg['n_layer']} layers, "
+        f"d_model {cfg['d_model']}, context {cfg['context_len']}",
     )
     table.add_row(
         "training",
-        f"{t['steps']} steps, {t['tokens']:,} tokens in {t['elapsed_s']:.1f} s, "
-        f"{t['tokens_per_s']:,.0f} tokens/s (stopped by {t['stopped_by']})",
+        f"{t.steps} steps, {t.tokens:,} tokens in {t.elapsed_s:.1f} s, "
+        f"{t.tokens_per_s:,.0f} tokens/s (stopped by {t.stopped_by})",
     )
-    table.add_row(
-        "val loss",
-        f"{t['val_loss_initial']:.3f} -> {t['val_loss_final']:.3f} ({100 * t['val_loss_reduction']:.0f}% lower)",
-    )
-    table.add_row(
-        "evaluate", f"val loss {e['val_loss']:.3f}, perplexity {e['perplexity']:.1f} on {e['val_tokens']:,} tokens"
-    )
-    for sample in e["samples"]:
+    reduction = 1.0 - t.val_loss_final / t.val_loss_initial
+    table.add_row("val loss", f"{t.val_loss_initial:.3f} -> {t.val_loss_final:.3f} ({100 * reduction:.0f}% lower)")
+    table.add_row("evaluate", f"val loss {e.val_loss:.3f}, perplexity {e.perplexity:.1f} on {e.val_tokens:,} tokens")
+    for sample in e.samples:
         table.add_row("sample", f"{sample['prompt']!r} -> {sample['completion'][:80]!r}")
-    for req in s.get("requests", []):
-        same = "stream matches" if req["stream_matches"] else "STREAM DIFFERS"
+    for req in r.requests or []:
+        same = "stream matches" if req.stream_matches else "STREAM DIFFERS"
         table.add_row(
             "serving",
-            f"{req['prompt']!r}: {req['completion_tokens']} tokens in "
-            f"{req['latency_s'] * 1000:.0f} ms, {req['tokens_per_s']:.0f} tokens/s, {same}",
+            f"{req.prompt!r}: {req.completion_tokens} tokens in {req.latency_s * 1000:.0f} ms, "
+            f"{req.tokens_per_s:.0f} tokens/s, {same}",
         )
-    label = "estimated" if r["energy_estimated"] else "measured"
+    label = "estimated" if r.energy_estimated else "measured"
     table.add_row(
         "energy",
-        f"{r['energy_j'] / 1000:,.2f} kJ ({label}, {r['energy_sampler']}), "
-        f"${r['cost_usd']:.6f}, {r['co2_g']:.2f} g CO2",
+        f"{r.energy_j / 1000:,.2f} kJ ({label}, {r.energy_sampler}), ${r.cost_usd:.6f}, {r.co2_g:.2f} g CO2",
     )
-    table.add_row("total", f"{r['elapsed_s']:.1f} s; files under {r['home']}")
+    table.add_row("total", f"{r.elapsed_s:.1f} s; files under {r.home}")
     out.print(table)
-    out.print(f"serve it: [bold]{s['command']}[/bold]")
+    out.print(f"serve it: [bold]{r.serve_command}[/bold]")

@@ -9,6 +9,7 @@ counter's difference over the whole line. Returns the report `aifab demo` prints
 """
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,90 @@ from aifab.spec import FactorySpec
 from aifab.store import Store
 
 
-def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True, base: Path | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ServedRequest:
+    """One test request of the serving check: sent whole, then streamed; greedy, so the texts must match."""
+
+    prompt: str
+    text: str
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_s: float
+    stream_matches: bool
+
+
+@dataclass(frozen=True)
+class LineReport:
+    """What the demo made and what it cost; `to_json()` is the object `aifab demo --json` prints."""
+
+    data: DataOutput
+    train: TrainOutput
+    evaluate: EvalOutput
+    model: RegisterOutput
+    serve_command: str  # how to serve the model from a shell
+    requests: list[ServedRequest] | None  # None: the serving check was skipped
+    energy_j: float
+    cost_usd: float
+    co2_g: float
+    energy_estimated: bool
+    energy_sampler: str
+    device: str
+    elapsed_s: float
+    home: str
+
+    def to_json(self) -> dict[str, Any]:
+        d, t, m = self.data, self.train, self.model
+        name, _, version = m.model.partition(":")
+        serving: dict[str, Any] = {"command": self.serve_command}
+        if self.requests is not None:
+            serving["requests"] = [asdict(r) for r in self.requests]
+        return {
+            "data": {k: getattr(d, k) for k in DATA_KEYS},
+            "model": {
+                "name": name,
+                "version": int(version),
+                "ref": m.model,
+                "params": t.params,
+                "config": t.model_config,
+            },
+            "train": {
+                **{k: getattr(t, k) for k in TRAIN_KEYS},
+                "val_loss_reduction": 1.0 - t.val_loss_final / t.val_loss_initial,
+            },
+            "evaluate": {k: getattr(self.evaluate, k) for k in ("val_loss", "perplexity", "val_tokens", "samples")},
+            "serving": serving,
+            **{k: getattr(self, k) for k in SUMMARY_KEYS},
+        }
+
+
+# the report's fields that come straight from the stages' outputs
+DATA_KEYS = [
+    "dataset",
+    "files",
+    "bytes",
+    "documents",
+    "skipped_files",
+    "tokens",
+    "train_tokens",
+    "val_tokens",
+    "vocab_size",
+    "elapsed_s",
+]
+TRAIN_KEYS = [
+    "run_id",
+    "steps",
+    "tokens",
+    "tokens_per_s",
+    "elapsed_s",
+    "stopped_by",
+    "val_loss_initial",
+    "val_loss_final",
+]
+SUMMARY_KEYS = ("energy_j", "cost_usd", "co2_g", "energy_estimated", "energy_sampler", "device", "elapsed_s", "home")
+
+
+def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True, base: Path | None = None) -> LineReport:
     """Run the line on `spec` (relative data paths against `base`, default the working directory)."""
     meter = Meter(store.db, Prices(**spec.meter.model_dump()))
     t0 = time.perf_counter()
@@ -31,16 +115,14 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True, base:
     report = run_pipeline(store, pipeline, InProcess(meter), force=list(pipeline.stages))
     ds = DataOutput.from_json(report.outputs("data"))
     tr = TrainOutput.from_json(report.outputs("train"))
-    ev = EvalOutput.from_json(report.outputs("evaluate"))
     mv = RegisterOutput.from_json(report.outputs("register"))
-    model_name, _, model_version = mv.model.partition(":")
 
-    serving: dict[str, Any] = {"command": f"aifab --home {store.home} serve {mv.model}"}
+    requests = None
     if serve_check and spec.serving.requests > 0:
         with meter.measure("serve", "model", str(mv.model_version_id)) as charge:
-            serving.update(check_serving(store, mv.model, spec))
-            charge.tokens_in = sum(r["prompt_tokens"] for r in serving["requests"])
-            charge.tokens_out = sum(r["completion_tokens"] for r in serving["requests"])
+            requests = check_serving(store, mv.model, spec)
+            charge.tokens_in = sum(r.prompt_tokens for r in requests)
+            charge.tokens_out = sum(r.completion_tokens for r in requests)
 
     subjects = [("dataset", str(ds.dataset_version_id)), ("run", tr.run_id), ("model", str(mv.model_version_id))]
     # what no stage measured (registration, the hand-offs between stages) is booked too, so the line's rows
@@ -60,56 +142,25 @@ def run_line(store: Store, spec: FactorySpec, *, serve_check: bool = True, base:
             )
         )
     spent = totals_for(store.db, subjects)
-    return {
-        "data": {
-            "dataset": ds.dataset,
-            "files": ds.files,
-            "bytes": ds.bytes,
-            "documents": ds.documents,
-            "skipped_files": ds.skipped_files,
-            "tokens": ds.tokens,
-            "train_tokens": ds.train_tokens,
-            "val_tokens": ds.val_tokens,
-            "vocab_size": ds.vocab_size,
-            "elapsed_s": ds.elapsed_s,
-        },
-        "model": {
-            "name": model_name,
-            "version": int(model_version),
-            "ref": mv.model,
-            "params": tr.params,
-            "config": tr.model_config,
-        },
-        "train": {
-            "run_id": tr.run_id,
-            "steps": tr.steps,
-            "tokens": tr.tokens,
-            "tokens_per_s": tr.tokens_per_s,
-            "elapsed_s": tr.elapsed_s,
-            "stopped_by": tr.stopped_by,
-            "val_loss_initial": tr.val_loss_initial,
-            "val_loss_final": tr.val_loss_final,
-            "val_loss_reduction": 1.0 - tr.val_loss_final / tr.val_loss_initial,
-        },
-        "evaluate": {
-            "val_loss": ev.val_loss,
-            "perplexity": ev.perplexity,
-            "val_tokens": ev.val_tokens,
-            "samples": ev.samples,
-        },
-        "serving": serving,
-        "energy_j": spent["energy_j"],
-        "cost_usd": spent["cost_usd"],
-        "co2_g": spent["co2_g"],
-        "energy_estimated": meter.sampler.estimated,
-        "energy_sampler": meter.sampler.name,
-        "device": meter.sampler.device,
-        "elapsed_s": time.perf_counter() - t0,
-        "home": str(store.home),
-    }
+    return LineReport(
+        data=ds,
+        train=tr,
+        evaluate=EvalOutput.from_json(report.outputs("evaluate")),
+        model=mv,
+        serve_command=f"aifab --home {store.home} serve {mv.model}",
+        requests=requests,
+        energy_j=spent["energy_j"],
+        cost_usd=spent["cost_usd"],
+        co2_g=spent["co2_g"],
+        energy_estimated=meter.sampler.estimated,
+        energy_sampler=meter.sampler.name,
+        device=meter.sampler.device,
+        elapsed_s=time.perf_counter() - t0,
+        home=str(store.home),
+    )
 
 
-def check_serving(store: Store, model_ref: str, spec: FactorySpec) -> dict[str, Any]:
+def check_serving(store: Store, model_ref: str, spec: FactorySpec) -> list[ServedRequest]:
     """Serve the model on a free loopback port and send real HTTP requests: each prompt once whole and once
     streamed, greedy, so the two texts must match."""
     import httpx
@@ -132,22 +183,16 @@ def check_serving(store: Store, model_ref: str, spec: FactorySpec) -> dict[str, 
                 if resp.status_code != 200:
                     raise AifabError(f"the test request to {srv.url} failed: {resp.status_code} {resp.text[:200]}")
                 out = resp.json()
+                text, n = out["choices"][0]["text"], out["usage"]["completion_tokens"]
                 streamed = stream_text(http, {**body, "stream": True})
-                n = out["usage"]["completion_tokens"]
                 results.append(
-                    {
-                        "prompt": prompt,
-                        "text": out["choices"][0]["text"],
-                        "latency_s": latency_s,
-                        "prompt_tokens": out["usage"]["prompt_tokens"],
-                        "completion_tokens": n,
-                        "tokens_per_s": n / latency_s,
-                        "stream_matches": streamed == out["choices"][0]["text"],
-                    }
+                    ServedRequest(
+                        prompt, text, latency_s, out["usage"]["prompt_tokens"], n, n / latency_s, streamed == text
+                    )
                 )
     finally:
         engine.close()
-    return {"requests": results}
+    return results
 
 
 def stream_text(http: Any, body: dict[str, Any]) -> str:
