@@ -74,8 +74,8 @@ class NullMeter:
 
 def serve_once(lm: Any, meter: Any, requests: int, max_tokens: int, max_batch: int) -> float:
     """Wall seconds for the workload through a fresh engine run on this thread."""
+    from aifab.nn.sampling import SamplingParams
     from aifab.serve.engine import Done, Engine, Request
-    from aifab.serve.sampling import SamplingParams
 
     engine = Engine(lm, max_queue=requests, max_batch=max_batch, start=False, meter=meter)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)

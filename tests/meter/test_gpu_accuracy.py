@@ -49,10 +49,10 @@ def ledger_j(store: Store, stages: tuple[str, ...]) -> tuple[float, int]:
 def test_serving_requests_and_idle_add_up_to_the_counter(
     nvml: NvmlSampler, home: Store, trained: tuple[Store, str]
 ) -> None:
+    from aifab.nn.sampling import SamplingParams
     from aifab.serve.engine import Done, Engine, Event, Request
     from aifab.serve.loaded import LoadedModel
     from aifab.serve.metering import ServeMeter, ledger_sink
-    from aifab.serve.sampling import SamplingParams
 
     store, ref = trained
     lm = LoadedModel.load(store, ref, device="cuda")

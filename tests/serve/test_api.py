@@ -8,10 +8,10 @@ import httpx
 import openai
 import pytest
 
+from aifab.nn.sampling import SamplingParams
 from aifab.serve.api import create_app
 from aifab.serve.engine import Done, Engine, Event, Request
 from aifab.serve.loaded import LoadedModel
-from aifab.serve.sampling import SamplingParams
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
 from serving import MODEL, WAIT_S, assert_error, body, stream, tokens, wait_until
@@ -145,6 +145,7 @@ def test_the_model_may_be_named_as_it_was_loaded(trained: tuple[Store, str], ref
         ({"bogus": 1}, "bogus"),
         ({"echo": True}, "echo"),
         ({"prompt": "def " * 40}, "prompt"),  # longer than the context
+        ({"prompt": ""}, "prompt"),  # nothing to continue
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),

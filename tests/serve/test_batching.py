@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from aifab.nn.config import ModelConfig
+from aifab.nn.generate import generate
+from aifab.nn.sampling import SamplingParams
 from aifab.nn.transformer import Transformer
 from aifab.serve.engine import Delta, Done, Engine, Event, Request, Scheduler, Sequence
-from aifab.serve.generate import generate
 from aifab.serve.loaded import LoadedModel
-from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
 
 WAIT_S = 60  # an upper bound for waits that normally take milliseconds; never a timing assertion

@@ -3,10 +3,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from aifab.nn.generate import generate
+from aifab.nn.sampling import SamplingParams
 from aifab.serve.engine import Delta, Done, Engine, Event, QueueFull, Request, TextAssembler
-from aifab.serve.generate import generate
 from aifab.serve.loaded import LoadedModel
-from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
 
 WAIT_S = 30  # generous upper bound for a request to finish; never a timing assertion

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from aifab.nn.sampling import SamplingParams
 from aifab.serve.engine import Delta, Done, Engine, Event, Request
 from aifab.serve.loaded import LoadedModel
-from aifab.serve.sampling import SamplingParams
 from aifab.store import Store
 from helpers import aifab
 

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from aifab.meter.ledger import J_PER_KWH, Prices
+from aifab.nn.sampling import SamplingParams
 from aifab.serve.api import create_app
 from aifab.serve.engine import Done, Engine, Event, Request
 from aifab.serve.loaded import LoadedModel
 from aifab.serve.metering import RequestCharge, ServeMeter, ledger_sink, new_deployment_id
-from aifab.serve.sampling import SamplingParams
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
 from aifab.store.schema import LedgerEntry

@@ -52,7 +52,7 @@ def import_hf(
         config=config.to_dict(),
         params_count=num_params(model),
         metrics={},
-        generation=generation,
+        generation=dict(generation),  # the registry keeps it as JSON
         run_id=None,
         aliases=("latest",),
     )

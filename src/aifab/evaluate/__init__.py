@@ -33,9 +33,9 @@ def evaluate(
     import torch
     from tokenizers import Tokenizer
 
+    from aifab.nn.generate import generate
+    from aifab.nn.sampling import SamplingParams
     from aifab.nn.weights import from_bytes
-    from aifab.serve.generate import generate
-    from aifab.serve.sampling import SamplingParams
 
     model = from_bytes(store.artifacts.get_bytes(weights_digest)).eval()
     tok = Tokenizer.from_str(store.artifacts.get_bytes(tokenizer_digest).decode())

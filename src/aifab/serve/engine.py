@@ -25,16 +25,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aifab.errors import ServeError
+from aifab.nn.generate import ContextError, check_fits
+from aifab.nn.sampling import SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from aifab.serve.loaded import LoadedModel
 from aifab.serve.metering import ServeMeter
 from aifab.serve.metrics import ServeMetrics
-from aifab.serve.sampling import SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
-
-if TYPE_CHECKING:
-    pass
 
 FLUSH_S = 1.0  # how often finished requests' charges go to the meter's sink (the ledger)
 
@@ -322,13 +320,10 @@ class Engine:
         lm = self.loaded
         ids = [*lm.prefix_ids, *req.prompt_ids]
         problem = None
-        if not req.prompt_ids:
-            problem = "the prompt is empty"
-        elif len(ids) + req.params.max_tokens > lm.context_len:
-            problem = (
-                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the "
-                f"context of {lm.context_len}"
-            )
+        try:
+            check_fits(len(req.prompt_ids), req.params.max_tokens, lm.context_len, prefix_tokens=len(lm.prefix_ids))
+        except ContextError as e:
+            problem = str(e)
         if problem or req.cancelled.is_set():
             reason = "error" if problem else "cancelled"
             self._emit(req, Done(reason, len(req.prompt_ids), 0, error=f"ValueError: {problem}" if problem else None))

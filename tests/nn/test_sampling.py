@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 import torch
 
-from aifab.serve.sampling import SamplingParams, make_generator, sample
+from aifab.nn.sampling import SamplingParams, make_generator, sample
 
 V = 50
 
