@@ -18,8 +18,8 @@ from aifab.jobs.control import ControlPlane
 from aifab.jobs.records import JobSpec
 from aifab.jobs.service import CONTROLLER_FILE, create_app
 from aifab.schedule.policy import Node
-from aifab.serve.server import BackgroundServer
 from aifab.store import Store
+from aifab.web import BackgroundServer
 from helpers import aifab, cli_env, until
 
 POOL = [Node("n1", (0,), 2.0, 8.0)]

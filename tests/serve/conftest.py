@@ -9,8 +9,8 @@ import pytest
 from aifab.serve.api import create_app
 from aifab.serve.engine import Engine
 from aifab.serve.loaded import LoadedModel
-from aifab.serve.server import BackgroundServer
 from aifab.store import Store
+from aifab.web import BackgroundServer
 from serving import WAIT_S
 
 

@@ -12,8 +12,8 @@ from aifab.nn.sampling import SamplingParams
 from aifab.serve.api import create_app
 from aifab.serve.engine import Done, Engine, Event, Request
 from aifab.serve.loaded import LoadedModel
-from aifab.serve.server import BackgroundServer
 from aifab.store import Store
+from aifab.web import BackgroundServer
 from serving import MODEL, WAIT_S, assert_error, body, stream, tokens, wait_until
 
 # --- completions -----------------------------------------------------------------------------------------------

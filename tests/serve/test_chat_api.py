@@ -14,7 +14,7 @@ from aifab.serve.api import create_app
 from aifab.serve.chat import DEFAULT_TEMPLATE, TemplateError, render
 from aifab.serve.engine import Engine
 from aifab.serve.loaded import LoadedModel
-from aifab.serve.server import BackgroundServer
+from aifab.web import BackgroundServer
 from serving import MODEL, WAIT_S, assert_error, body, stream, tokens, wait_until
 
 CHAT = "/v1/chat/completions"

@@ -17,9 +17,9 @@ from aifab.serve.api import create_app
 from aifab.serve.engine import Done, Engine, Event, Request
 from aifab.serve.loaded import LoadedModel
 from aifab.serve.metering import RequestCharge, ServeMeter, ledger_sink, new_deployment_id
-from aifab.serve.server import BackgroundServer
 from aifab.store import Store
 from aifab.store.schema import LedgerEntry
+from aifab.web import BackgroundServer
 from serving import WAIT_S, body
 
 PRICES = Prices(electricity_usd_per_kwh=0.2, grid_co2_g_per_kwh=400.0, pue=1.5)

@@ -34,7 +34,7 @@ def serve(
     from aifab.serve.engine import Engine
     from aifab.serve.loaded import LoadedModel
     from aifab.serve.metering import ledger_meter, new_deployment_id
-    from aifab.serve.server import BackgroundServer, bind
+    from aifab.web import BackgroundServer, bind
 
     if engine_kind not in ("local", "ray"):
         raise ServeError(f"unknown engine {engine_kind!r}: choose one of local, ray")

@@ -29,7 +29,7 @@ from aifab.jobs import records
 from aifab.jobs.attempt import write_json_atomic
 from aifab.jobs.control import ControlPlane
 from aifab.jobs.records import JobConflict, JobSpec
-from aifab.serve.server import error, require_bearer
+from aifab.web import error, require_bearer
 
 CONTROLLER_FILE = "controller.json"
 LOG_CHUNK_BYTES = 64 * 1024
@@ -195,7 +195,7 @@ def run_controller(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve the API and run the control loop until SIGTERM/SIGINT (or `stop`). Running jobs keep running."""
-    from aifab.serve.server import BackgroundServer, bind
+    from aifab.web import BackgroundServer, bind
 
     sock = bind(host, port)  # an occupied port fails here, before anything starts
     stop = stop or threading.Event()

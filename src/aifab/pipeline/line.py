@@ -168,7 +168,7 @@ def check_serving(store: Store, model_ref: str, spec: FactorySpec) -> list[Serve
     from aifab.serve.api import create_app
     from aifab.serve.engine import Engine
     from aifab.serve.loaded import LoadedModel
-    from aifab.serve.server import BackgroundServer
+    from aifab.web import BackgroundServer
 
     engine = Engine(LoadedModel.load(store, model_ref))
     prompts = (spec.evaluation.prompts or ["def "]) * spec.serving.requests

@@ -87,7 +87,7 @@ def serve_on_ray(
     Every replica stamps its ledger rows with the same `deployment` id (a fresh one unless given)."""
     from aifab.cluster import connect
     from aifab.serve.metering import new_deployment_id
-    from aifab.serve.server import bind
+    from aifab.web import bind
 
     deployment = deployment or new_deployment_id()
     if replicas < 1:

@@ -32,7 +32,7 @@ from aifab.serve.api.schemas import ChatRequest, CompletionRequest, SamplingFiel
 from aifab.serve.chat import render
 from aifab.serve.engine import Delta, Done, Engine, Event, QueueFull
 from aifab.serve.engine import Request as EngineRequest
-from aifab.serve.server import error, require_bearer
+from aifab.web import error, require_bearer
 
 MAX_BODY_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 300.0

@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI
 
 from aifab.errors import AifabError, ServeError
-from aifab.serve.server import BackgroundServer, bind
+from aifab.web import BackgroundServer, bind
 
 
 @pytest.fixture

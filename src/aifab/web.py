@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by aifab's services (the serving API and the control plane), free of torch:
+"""HTTP plumbing shared by aifab's services (the serving API in serve/, the control plane in jobs/), free of
+torch; neither service imports the other's package for it:
 - `bind` + `BackgroundServer`: uvicorn in a background thread (`aifab serve` keeps its main thread for the
   engine). The listening socket is bound before uvicorn starts, so an occupied port is one clear error and
   port 0 picks a free port.
