@@ -18,7 +18,7 @@ from aifab.jobs.attempt import LAUNCH_FILE, read_json
 from aifab.jobs.control import ControlPlane
 from aifab.jobs.launch import proc_start_ticks
 from aifab.jobs.records import JobSpec
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.store import Store
 from helpers import until
 
@@ -161,7 +161,7 @@ def test_a_lost_launcher_requeues_and_its_orphan_is_killed(store: Store, cp: Con
 CONTROLLER = """
 import sys, threading
 from aifab.jobs.control import ControlPlane
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.store import Store
 
 cp = ControlPlane(Store(sys.argv[1]), [Node("n1", (0,), 2.0, 8.0)], poll_s=0.05)

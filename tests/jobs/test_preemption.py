@@ -12,7 +12,7 @@ from aifab.jobs import records
 from aifab.jobs.attempt import STATE_FILE, read_json
 from aifab.jobs.control import ControlPlane
 from aifab.jobs.records import JobSpec
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.spec import DataSpec
 from aifab.store import Store
 from aifab.store.schema import Run

@@ -167,7 +167,7 @@ def test_terminate_preempts_a_ray_job_which_is_requeued(
 
 def test_a_control_plane_with_another_executor_refuses_ray_jobs(store: Store) -> None:
     from aifab.errors import AifabError
-    from aifab.schedule.policy import Node
+    from aifab.schedule.state import Node
     from helpers import aifab
 
     job_id = records.submit(store, JobSpec(command=["true"]))

@@ -17,7 +17,7 @@ from aifab.jobs import records
 from aifab.jobs.control import ControlPlane
 from aifab.jobs.records import JobSpec
 from aifab.jobs.service import CONTROLLER_FILE, create_app
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.serve.server import BackgroundServer
 from aifab.store import Store
 from helpers import aifab, cli_env, until

@@ -19,7 +19,7 @@ from aifab.jobs import records
 from aifab.jobs.control import ControlPlane
 from aifab.jobs.records import job_dir
 from aifab.pipeline.dag import PipelineReport, build_pipeline, plan, run_pipeline
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.spec import FactorySpec, parse_spec
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion, Job, ModelVersion, Run, RunMetric, StageRun

@@ -31,7 +31,8 @@ from aifab.jobs.attempt import EXIT_PREEMPTED, RESULT_FILE, read_json
 from aifab.jobs.executors import LOST, Executor, LocalExecutor, Poll
 from aifab.jobs.launch import EXIT_CANNOT_START
 from aifab.jobs.records import JobInfo, JobSpec
-from aifab.schedule.policy import (
+from aifab.schedule.policy import make_policy
+from aifab.schedule.state import (
     ClusterState,
     JobView,
     Node,
@@ -41,7 +42,6 @@ from aifab.schedule.policy import (
     Running,
     Share,
     Start,
-    make_policy,
     unplaceable,
 )
 from aifab.store import Store

@@ -19,7 +19,7 @@ from aifab.errors import AifabError
 from aifab.jobs.attempt import EXIT_FILE, LAUNCH_FILE, RESULT_FILE, read_json
 from aifab.jobs.launch import alive, proc_start_ticks
 from aifab.jobs.records import JobInfo, job_dir
-from aifab.schedule.policy import Placement
+from aifab.schedule.state import Placement
 
 LOST: Final = "lost"
 Poll = int | Literal["lost"] | None

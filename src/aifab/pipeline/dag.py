@@ -266,7 +266,7 @@ def job_spec(store: Store, pipeline: Pipeline, stage: Stage, inputs: dict[str, A
 
 def pool_nodes(spec: FactorySpec, control: Any = None) -> list[Any] | None:
     """The pool stages must fit: `orchestration.pool` when set, else the control plane's nodes (None: unknown)."""
-    from aifab.schedule.policy import Node
+    from aifab.schedule.state import Node
 
     pool = spec.orchestration.pool
     if pool is not None:
@@ -278,7 +278,7 @@ def pool_nodes(spec: FactorySpec, control: Any = None) -> list[Any] | None:
 def control_settings(spec: FactorySpec) -> dict[str, Any]:
     """ControlPlane keyword arguments from factory.yaml's `orchestration:` section: the pool (None: this
     machine), the policy, per-project quotas (a missing field is unlimited) and fair-share weights."""
-    from aifab.schedule.policy import Resources
+    from aifab.schedule.state import Resources
 
     orch = spec.orchestration
     quotas = {p: Resources(q.gpus or 0, q.cpus or 0.0, q.memory_gb or 0.0) for p, q in (orch.quotas or {}).items()}
@@ -288,7 +288,7 @@ def control_settings(spec: FactorySpec) -> dict[str, Any]:
 def check_fits(pipeline: Pipeline, nodes: Iterable[Any] | None) -> None:
     """Refuse, before anything runs, a stage whose request no node (or gang of nodes) of the pool could hold
     even when the pool is empty. `nodes`: policy.Node objects; None skips the check."""
-    from aifab.schedule.policy import Resources, unplaceable
+    from aifab.schedule.state import Resources, unplaceable
 
     if nodes is None:
         return
