@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from aifab.errors import SpecError
 from aifab.jobs import records
-from aifab.jobs.control import ControlPlane
+from aifab.jobs.control import ControlPlane, ControlSettings
 from aifab.jobs.records import job_dir
 from aifab.pipeline.dag import PipelineReport, build_pipeline, plan, run_pipeline
 from aifab.schedule.state import Node
@@ -46,7 +46,7 @@ def factory(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def control(store: Store) -> Iterator[ControlPlane]:
-    cp = ControlPlane(store, nodes=[Node("local", (), 4.0, 16.0)], poll_s=0.05)
+    cp = ControlPlane(store, ControlSettings(nodes=[Node("local", (), 4.0, 16.0)], poll_s=0.05))
     yield cp
     cp.close()
 
@@ -383,6 +383,6 @@ stages:
     report = run(store, control, spec, tmp_path)
     assert statuses(report) == {"slow": "ran", "fast": "ran", "after_fast": "ran"}
     job = {s.name: s.job_id for s in report.stages}
-    slow_end = {e["event"]: e["at"] for e in records.events(store, job["slow"] or 0)}["succeeded"]
-    after_start = {e["event"]: e["at"] for e in records.events(store, job["after_fast"] or 0)}["placed"]
+    slow_end = {e.event: e.at for e in records.events(store, job["slow"] or 0)}["succeeded"]
+    after_start = {e.event: e.at for e in records.events(store, job["after_fast"] or 0)}["placed"]
     assert after_start < slow_end

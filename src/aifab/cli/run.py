@@ -51,7 +51,7 @@ def control_plane(store: Any, spec: Any) -> Any:
     from aifab.jobs.control import ControlPlane
     from aifab.pipeline.dag import control_settings
 
-    return ControlPlane(store, **control_settings(spec))
+    return ControlPlane(store, control_settings(spec))
 
 
 def summary_table(report: dict[str, Any], dry_run: bool) -> Table:

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
 
@@ -29,6 +29,9 @@ from aifab.errors import AifabError, SpecError
 from aifab.spec import FactorySpec, ResourcesSpec, StageSpec
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion, ModelVersion, Run, StageRun, utcnow
+
+if TYPE_CHECKING:
+    from aifab.jobs.control import ControlSettings
 
 # The kinds of upstream stage each built-in stage reads, and how many it needs (min, max).
 READS: dict[str, dict[str, tuple[int, int]]] = {
@@ -275,14 +278,15 @@ def pool_nodes(spec: FactorySpec, control: Any = None) -> list[Any] | None:
     return list(nodes) if nodes is not None else None
 
 
-def control_settings(spec: FactorySpec) -> dict[str, Any]:
-    """ControlPlane keyword arguments from factory.yaml's `orchestration:` section: the pool (None: this
+def control_settings(spec: FactorySpec) -> "ControlSettings":
+    """ControlPlane settings from factory.yaml's `orchestration:` section: the pool (None: this
     machine), the policy, per-project quotas (a missing field is unlimited) and fair-share weights."""
+    from aifab.jobs.control import ControlSettings
     from aifab.schedule.state import Resources
 
     orch = spec.orchestration
     quotas = {p: Resources(q.gpus or 0, q.cpus or 0.0, q.memory_gb or 0.0) for p, q in (orch.quotas or {}).items()}
-    return {"nodes": pool_nodes(spec), "policy": orch.policy, "quotas": quotas or None, "weights": orch.weights}
+    return ControlSettings(nodes=pool_nodes(spec), policy=orch.policy, quotas=quotas or None, weights=orch.weights)
 
 
 def check_fits(pipeline: Pipeline, nodes: Iterable[Any] | None) -> None:
