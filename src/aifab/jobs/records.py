@@ -162,7 +162,7 @@ class JobInfo:
     kind: str
     status: JobStatus
     command: list[str]
-    env: dict[str, Any]
+    env: dict[str, str]  # JobSpec.env
     gpus: int
     cpus: float
     memory_gb: float
