@@ -15,10 +15,10 @@ import pytest
 from aifab.errors import AifabError
 from aifab.jobs import records
 from aifab.jobs.attempt import LAUNCH_FILE, read_json
-from aifab.jobs.control import ControlPlane
+from aifab.jobs.control import ControlPlane, ControlSettings
 from aifab.jobs.launch import proc_start_ticks
 from aifab.jobs.records import JobSpec
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.store import Store
 from helpers import until
 
@@ -31,7 +31,7 @@ def py(code: str) -> list[str]:
 
 @pytest.fixture
 def cp(store: Store) -> Iterator[ControlPlane]:
-    plane = ControlPlane(store, POOL, poll_s=0.05, cancel_grace_s=5.0)
+    plane = ControlPlane(store, ControlSettings(POOL, poll_s=0.05, cancel_grace_s=5.0))
     yield plane
     for job in records.list_jobs(store, ("running",)):  # never leave a process behind
         if job.handle:
@@ -45,7 +45,7 @@ def log_text(store: Store, job_id: int) -> str:
 
 
 def events(store: Store, job_id: int) -> list[str]:
-    return [e["event"] for e in records.events(store, job_id)]
+    return [e.event for e in records.events(store, job_id)]
 
 
 def test_a_job_runs_with_its_log_and_result(store: Store, cp: ControlPlane) -> None:
@@ -73,10 +73,10 @@ def test_a_failing_job_is_retried_with_backoff_then_failed(store: Store, cp: Con
     info = cp.wait(job_id, timeout_s=60)
     assert (info.status, info.attempts, info.exit_code, info.error) == ("failed", 3, 3, "exit code 3")
     trail = records.events(store, job_id)
-    retries = [e["detail"] for e in trail if e["event"] == "retrying"]
+    retries = [e.detail for e in trail if e.event == "retrying"]
     assert [(r["attempt"], r["delay_s"]) for r in retries] == [(1, 0.1), (2, 0.2)]  # doubling backoff
-    assert [e["event"] for e in trail].count("started") == 3
-    assert trail[-1]["event"] == "failed"
+    assert [e.event for e in trail].count("started") == 3
+    assert trail[-1].event == "failed"
     log = records.log_path(store, job_id).read_text()
     assert [f"attempt {n}" in log for n in (1, 2, 3)] == [True] * 3
 
@@ -111,7 +111,7 @@ def test_a_command_that_cannot_start_fails_with_127(store: Store, cp: ControlPla
 
 def test_one_control_plane_per_store(store: Store, cp: ControlPlane) -> None:
     with pytest.raises(AifabError, match=f"another control plane \\(pid {os.getpid()}\\)"):
-        ControlPlane(store, POOL)
+        ControlPlane(store, ControlSettings(POOL))
 
 
 def _child_pid(store: Store, job_id: int) -> int:
@@ -134,7 +134,7 @@ def test_sigkill_of_the_job_process_is_retried_per_policy(store: Store, cp: Cont
     os.kill(_child_pid(store, job_id), signal.SIGKILL)
     info = cp.wait(job_id, timeout_s=60)
     assert (info.status, info.attempts) == ("succeeded", 2)
-    retry = next(e["detail"] for e in records.events(store, job_id) if e["event"] == "retrying")
+    retry = next(e.detail for e in records.events(store, job_id) if e.event == "retrying")
     assert retry["error"] == "killed by SIGKILL"
     # without retries left, the same kill fails the job, and says why
     no_retry = cp.submit(JobSpec(command=py(SLEEP_ON_FIRST_ATTEMPT)))
@@ -160,11 +160,11 @@ def test_a_lost_launcher_requeues_and_its_orphan_is_killed(store: Store, cp: Con
 
 CONTROLLER = """
 import sys, threading
-from aifab.jobs.control import ControlPlane
-from aifab.schedule.policy import Node
+from aifab.jobs.control import ControlPlane, ControlSettings
+from aifab.schedule.state import Node
 from aifab.store import Store
 
-cp = ControlPlane(Store(sys.argv[1]), [Node("n1", (0,), 2.0, 8.0)], poll_s=0.05)
+cp = ControlPlane(Store(sys.argv[1]), ControlSettings([Node("n1", (0,), 2.0, 8.0)], poll_s=0.05))
 print("ready", flush=True)
 cp.run(threading.Event())
 """
@@ -223,14 +223,14 @@ def test_control_plane_restart_reattaches_and_loses_no_job(store: Store, tmp_pat
 
 
 def test_restart_reads_the_exit_of_a_job_that_ended_while_no_control_plane_ran(store: Store) -> None:
-    plane = ControlPlane(store, POOL, poll_s=0.05)
+    plane = ControlPlane(store, ControlSettings(POOL, poll_s=0.05))
     job_id = plane.submit(JobSpec(command=py("import sys; print('bye'); sys.exit(5)")))
     until(lambda: records.get(store, job_id).handle, "job to start", tick=plane.tick)
     plane.close()  # gone before the job ends: the launcher writes exit.json meanwhile
     handle = records.get(store, job_id).handle
     assert handle is not None
     until(lambda: (records.job_dir(store.home, job_id) / "exit.json").exists(), "exit.json")
-    with ControlPlane(store, POOL, poll_s=0.05) as again:  # recover() runs on start
+    with ControlPlane(store, ControlSettings(POOL, poll_s=0.05)) as again:  # recover() runs on start
         info = records.get(store, job_id)
         assert (info.status, info.exit_code, info.error) == ("failed", 5, "exit code 5")
         assert again.executor.poll(handle) == 5
@@ -243,7 +243,7 @@ def test_a_job_that_dies_of_the_preemption_sigterm_is_requeued(store: Store, cp:
     assert cp.wait(high, timeout_s=60).status == "succeeded"
     info = cp.wait(low, timeout_s=60)
     assert (info.status, info.attempts, info.preemptions) == ("succeeded", 2, 1)
-    preempted = next(e["detail"] for e in records.events(store, low) if e["event"] == "preempted")
+    preempted = next(e.detail for e in records.events(store, low) if e.event == "preempted")
     assert preempted["exit_code"] == -signal.SIGTERM  # no checkpoint protocol, still requeued, not failed
     assert "retrying" not in events(store, low)
 
@@ -252,7 +252,7 @@ def test_a_serving_replica_and_training_share_the_pool(trained: tuple[Store, str
     """A real `aifab serve` replica and a training job each hold one GPU of a two-GPU pool (their own index in
     CUDA_VISIBLE_DEVICES). A higher-priority job then needs a GPU: the training is preempted, never the replica."""
     store, ref = trained
-    plane = ControlPlane(store, [Node("box", (0, 1), 4.0, 16.0)], poll_s=0.05, cancel_grace_s=10.0)
+    plane = ControlPlane(store, ControlSettings([Node("box", (0, 1), 4.0, 16.0)], poll_s=0.05, cancel_grace_s=10.0))
     try:
         serve = plane.submit(
             JobSpec(

@@ -10,9 +10,9 @@ import pytest
 from aifab.data.ingest import ingest
 from aifab.jobs import records
 from aifab.jobs.attempt import STATE_FILE, read_json
-from aifab.jobs.control import ControlPlane
+from aifab.jobs.control import ControlPlane, ControlSettings
 from aifab.jobs.records import JobSpec
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.spec import DataSpec
 from aifab.store import Store
 from aifab.store.schema import Run
@@ -34,7 +34,7 @@ def test_a_training_job_is_preempted_requeued_and_resumes_its_run(store: Store, 
     train_cmd = [sys.executable, "-m", "aifab", "train", "--dataset", "tiny", "--model", str(factory)]
     train_cmd += ["--config", str(factory), "--name", "pre", "--steps", str(STEPS)]
     # one GPU id (fake: the trainer runs on CPU) is the only slot, so the two jobs cannot run side by side
-    cp = ControlPlane(store, [Node("n1", (0,), 4.0, 16.0)], poll_s=0.05)
+    cp = ControlPlane(store, ControlSettings([Node("n1", (0,), 4.0, 16.0)], poll_s=0.05))
     try:
         wide = {"COLUMNS": "200"}  # the trainer's report on one line each
         low = cp.submit(
@@ -57,13 +57,13 @@ def test_a_training_job_is_preempted_requeued_and_resumes_its_run(store: Store, 
     log = records.log_path(store, low).read_text()
     assert done_low.status == "succeeded", log[-3000:]
     assert (done_low.attempts, done_low.preemptions) == (2, 1)
-    trail = [e["event"] for e in records.events(store, low)]
+    trail = [e.event for e in records.events(store, low)]
     assert trail.count("preempting") == 1 and trail.count("preempted") == 1
-    preempted = next(e["detail"] for e in records.events(store, low) if e["event"] == "preempted")
+    preempted = next(e.detail for e in records.events(store, low) if e.event == "preempted")
     assert preempted["exit_code"] == 75  # EXIT_PREEMPTED: checkpointed, not killed
     # the high-priority job ran while the training job waited
     high_events = records.events(store, high)
-    assert high_events[1]["at"] > next(e["at"] for e in records.events(store, low) if e["event"] == "preempted")
+    assert high_events[1].at > next(e.at for e in records.events(store, low) if e.event == "preempted")
     # attempt 1 stopped at a step > 0 with a checkpoint; attempt 2 resumed that run, not a new one
     stopped = re.search(rf"run {run_id} preempted at step (\d+)", log)
     assert stopped is not None, log[-3000:]

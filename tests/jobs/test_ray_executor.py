@@ -20,7 +20,7 @@ import pytest
 
 from aifab.jobs import records
 from aifab.jobs.attempt import LAUNCH_FILE, STATE_FILE, read_json
-from aifab.jobs.control import ControlPlane
+from aifab.jobs.control import ControlPlane, ControlSettings
 from aifab.jobs.records import JobSpec
 from aifab.store import Store
 from helpers import until
@@ -69,12 +69,14 @@ def plane(cluster: Any, store: Store) -> Iterator[Callable[..., ControlPlane]]:
         made.append(
             ControlPlane(
                 store,
-                pool(),
+                ControlSettings(
+                    pool(),
+                    poll_s=0.05,
+                    preempt_grace_s=60.0,
+                    refresh_nodes=pool,
+                    refresh_every_s=0.2,  # the node-loss test expects the dead node out of the pool soon
+                ),
                 RayExecutor(store.home, WORKER),
-                poll_s=0.05,
-                preempt_grace_s=60.0,
-                refresh_nodes=pool,
-                refresh_every_s=0.2,  # the node-loss test expects the dead node out of the pool soon
             )
         )
         return made[-1]
@@ -97,7 +99,7 @@ def log_text(store: Store, job_id: int) -> str:
 
 
 def events(store: Store, job_id: int) -> list[str]:
-    return [e["event"] for e in records.events(store, job_id)]
+    return [e.event for e in records.events(store, job_id)]
 
 
 def test_a_job_runs_on_ray_with_its_log_and_result(store: Store, plane: Callable[..., ControlPlane]) -> None:
@@ -116,7 +118,7 @@ def test_a_job_runs_on_ray_with_its_log_and_result(store: Store, plane: Callable
     assert re.search(rf"=== job {job_id} attempt 1 started \S+ on 192\.0\.2\.2-\w{{8}} gpus \[0\] \(ray\) ===", log)
     assert f"hello from {job_id} gpus '0'" in log  # Ray's GPU assignment
     assert events(store, job_id) == ["submitted", "placed", "started", "succeeded"]
-    started = next(e["detail"] for e in records.events(store, job_id) if e["event"] == "started")
+    started = next(e.detail for e in records.events(store, job_id) if e.event == "started")
     assert started["handle"].startswith("ray:aifab-") and started["handle"].endswith(f":{job_id}:1")
     assert cp.executor.poll(started["handle"]) == 0  # the actor is released; exit.json still answers
 
@@ -159,7 +161,7 @@ def test_terminate_preempts_a_ray_job_which_is_requeued(
     done = cp.wait(low, timeout_s=60)
     log = log_text(store, low)
     assert (done.status, done.attempts, done.preemptions) == ("succeeded", 2, 1), log
-    preempted = next(e["detail"] for e in records.events(store, low) if e["event"] == "preempted")
+    preempted = next(e.detail for e in records.events(store, low) if e.event == "preempted")
     assert preempted["exit_code"] == 75  # EXIT_PREEMPTED: SIGTERM reached the job's process, not a kill
     assert "got SIGTERM, checkpointed" in log and "second attempt: done" in log
     assert RayExecutor(store.home, WORKER).reattach(handle) is False  # that attempt's actor is gone
@@ -167,13 +169,13 @@ def test_terminate_preempts_a_ray_job_which_is_requeued(
 
 def test_a_control_plane_with_another_executor_refuses_ray_jobs(store: Store) -> None:
     from aifab.errors import AifabError
-    from aifab.schedule.policy import Node
+    from aifab.schedule.state import Node
     from helpers import aifab
 
     job_id = records.submit(store, JobSpec(command=["true"]))
     records.transition(store, job_id, "placed", status="running", executor="ray", handle=f"ray:aifab-x:{job_id}:1")
     with pytest.raises(AifabError, match=f"job {job_id} runs on the ray executor, not local: .*--executor ray"):
-        ControlPlane(store, [Node("n1", (), 1.0, 1.0)])
+        ControlPlane(store, ControlSettings([Node("n1", (), 1.0, 1.0)]))
     assert records.get(store, job_id).status == "running"  # nothing touched
     bad = aifab("controller", "--executor", "k8s", home=store.home)
     assert bad.returncode != 0 and "unknown executor 'k8s': choose local or ray" in bad.stderr
@@ -215,8 +217,8 @@ def test_a_training_job_survives_the_loss_of_its_node(
     log = log_text(store, job_id)
     assert (done.status, done.attempts) == ("succeeded", 2), log[-3000:]
     trail = records.events(store, job_id)
-    assert [e["event"] for e in trail] == ["submitted", "placed", "started", "lost", "placed", "started", "succeeded"]
-    lost = next(e["detail"] for e in trail if e["event"] == "lost")
+    assert [e.event for e in trail] == ["submitted", "placed", "started", "lost", "placed", "started", "succeeded"]
+    lost = next(e.detail for e in trail if e.event == "lost")
     assert (lost["attempt"], lost["exit_code"]) == (1, None)
     second = read_json(jdir / LAUNCH_FILE)
     assert isinstance(second, dict) and second["attempt"] == 2 and second["node_id"] != first["node_id"]

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from aifab.jobs import records
-from aifab.jobs.control import ControlPlane
+from aifab.jobs.control import ControlPlane, ControlSettings
 from aifab.jobs.records import JobSpec
 from aifab.jobs.service import CONTROLLER_FILE, create_app
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.store import Store
 from aifab.web import BackgroundServer
 from helpers import aifab, cli_env, until
@@ -28,7 +28,7 @@ TOKEN = "s3cret"
 
 @pytest.fixture
 def plane(store: Store) -> Iterator[ControlPlane]:
-    cp = ControlPlane(store, POOL, poll_s=0.05)
+    cp = ControlPlane(store, ControlSettings(POOL, poll_s=0.05))
     stop = threading.Event()
     loop = threading.Thread(target=cp.run, args=(stop,), daemon=True)
     loop.start()
@@ -208,8 +208,8 @@ def test_the_controller_takes_quotas_and_its_pool_from_a_config(tmp_path: Path) 
         store = Store(home)
         try:
             until(lambda: records.get(store, second).status == "succeeded", "both jobs", timeout_s=120)
-            ends = {e["event"]: e["at"] for e in records.events(store, first)}
-            placed = {e["event"]: e["at"] for e in records.events(store, second)}
+            ends = {e.event: e.at for e in records.events(store, first)}
+            placed = {e.event: e.at for e in records.events(store, second)}
             assert placed["placed"] >= ends["succeeded"]
             assert {records.get(store, j).placement["node"] for j in (first, second)} == {"box"}  # type: ignore[index]
         finally:

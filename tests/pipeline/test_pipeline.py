@@ -16,11 +16,11 @@ from sqlalchemy import func, select
 
 from aifab.errors import SpecError
 from aifab.jobs import records
-from aifab.jobs.control import ControlPlane
+from aifab.jobs.control import ControlPlane, ControlSettings
 from aifab.jobs.records import job_dir
 from aifab.pipeline.dag import build_pipeline
 from aifab.pipeline.runner import OnControl, PipelineReport, dry_run, run_pipeline
-from aifab.schedule.policy import Node
+from aifab.schedule.state import Node
 from aifab.spec import FactorySpec, parse_spec
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion, Job, ModelVersion, Run, RunMetric, StageRun
@@ -47,7 +47,7 @@ def factory(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def control(store: Store) -> Iterator[ControlPlane]:
-    cp = ControlPlane(store, nodes=[Node("local", (), 4.0, 16.0)], poll_s=0.05)
+    cp = ControlPlane(store, ControlSettings(nodes=[Node("local", (), 4.0, 16.0)], poll_s=0.05))
     yield cp
     cp.close()
 
@@ -384,6 +384,6 @@ stages:
     report = run(store, control, spec, tmp_path)
     assert statuses(report) == {"slow": "ran", "fast": "ran", "after_fast": "ran"}
     job = {s.name: s.job_id for s in report.stages}
-    slow_end = {e["event"]: e["at"] for e in records.events(store, job["slow"] or 0)}["succeeded"]
-    after_start = {e["event"]: e["at"] for e in records.events(store, job["after_fast"] or 0)}["placed"]
+    slow_end = {e.event: e.at for e in records.events(store, job["slow"] or 0)}["succeeded"]
+    after_start = {e.event: e.at for e in records.events(store, job["after_fast"] or 0)}["placed"]
     assert after_start < slow_end

@@ -3,9 +3,9 @@ head-of-line blocking versus backfill, least attained service, and requests that
 
 import pytest
 
-from aifab.schedule.policy import (
+from aifab.schedule.policy import LAS_MIN_RUN_S, make_policy
+from aifab.schedule.state import (
     LAS_LIMITS_GPU_S,
-    LAS_MIN_RUN_S,
     ClusterState,
     Decision,
     JobView,
@@ -16,7 +16,6 @@ from aifab.schedule.policy import (
     Running,
     Share,
     Start,
-    make_policy,
     unplaceable,
 )
 

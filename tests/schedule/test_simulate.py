@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from aifab.schedule.policy import ClusterState, make_policy
+from aifab.schedule.policy import make_policy
 from aifab.schedule.simulate import RESTART_COST_S, jain_index, simulate
+from aifab.schedule.state import ClusterState
 from aifab.schedule.traces import TraceError, TraceJob, read_trace_csv, synthetic_trace
 
 ALL = ("fifo", "priority-fair", "default")

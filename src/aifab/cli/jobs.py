@@ -8,6 +8,7 @@ directly (a job submitted that way waits until a controller runs).
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def controller(
     ),
 ) -> None:
     """Run the control plane: the job queue's HTTP API plus the loop that starts, watches and preempts jobs."""
-    from aifab.jobs.control import ControlPlane
+    from aifab.jobs.control import ControlPlane, ControlSettings
     from aifab.jobs.executors import Executor
     from aifab.jobs.service import run_controller
 
@@ -54,23 +55,23 @@ def controller(
         raise AifabError(f"unknown executor {executor!r}: choose local or ray")
     key = token or os.environ.get("AIFAB_CONTROL_TOKEN") or None
     store = open_store()
-    settings: dict[str, Any] = {"nodes": None, "policy": "default"}  # nodes None: this machine
+    settings = ControlSettings()  # nodes None: this machine
     if config is not None:
         from aifab.pipeline.runner import control_settings
         from aifab.spec import load_spec
 
         settings = control_settings(load_spec(config))
     if policy is not None:
-        settings["policy"] = policy
-    policy = settings["policy"]
+        settings = replace(settings, policy=policy)
+    policy = settings.policy
     runner: Executor | None = None
     if executor == "ray":
         from aifab.jobs.ray_executor import RayExecutor, ray_nodes
 
         runner = RayExecutor(store.home)  # connects to $RAY_ADDRESS, else starts a local Ray
-        settings["nodes"] = ray_nodes()  # the cluster's own pool, not the config's, read again as nodes come and go
-        settings["refresh_nodes"] = ray_nodes
-    with ControlPlane(store, executor=runner, **settings) as cp:
+        # the cluster's own pool, not the config's, read again as nodes come and go
+        settings = replace(settings, nodes=ray_nodes(), refresh_nodes=ray_nodes)
+    with ControlPlane(store, settings, runner) as cp:
         gpus = sum(len(n.gpu_ids) for n in cp.nodes)
         cpus = sum(n.cpus for n in cp.nodes)
         n = len(cp.nodes)

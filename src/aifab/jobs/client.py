@@ -11,12 +11,12 @@ message: NotFound for an unknown job, JobConflict for a job that cannot change s
 import os
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aifab.errors import AifabError, NotFound
 from aifab.jobs import records
-from aifab.jobs.records import TERMINAL, JobConflict, JobSpec
+from aifab.jobs.records import TERMINAL, JobConflict, JobSpec, JobStatus
 from aifab.store import Store
 
 
@@ -62,7 +62,7 @@ def connect(store: Store) -> ControlClient | None:
     info = read_controller_file(store.home)
     if info is None:
         return None
-    client = ControlClient(str(info["url"]), token)
+    client = ControlClient(info.url, token)
     try:
         client.http.get("/healthz", timeout=2.0)
     except httpx.HTTPError:
@@ -137,16 +137,16 @@ class StoreQueue:
         self.store = store
 
     def submit(self, spec: JobSpec) -> dict[str, Any]:
-        from aifab.jobs.control import detect_nodes, request_of
+        from aifab.jobs.executors import detect_nodes
         from aifab.schedule.state import unplaceable
 
-        why = unplaceable(request_of(spec), detect_nodes())
+        why = unplaceable(records.request_of(spec), detect_nodes())
         if why is not None:
             raise AifabError(f"job {spec.label()!r} can never run on this machine: {why}")
         return records.get(self.store, records.submit(self.store, spec)).to_dict()
 
     def job(self, job_id: int) -> dict[str, Any]:
-        return {**records.get(self.store, job_id).to_dict(), "events": records.events(self.store, job_id)}
+        return records.describe(self.store, job_id)
 
     def jobs(self, statuses: tuple[str, ...] | None, limit: int) -> list[dict[str, Any]]:
         return [j.to_dict() for j in records.list_jobs(self.store, statuses, limit=limit)]
@@ -180,6 +180,16 @@ def open_queue(store: Store) -> JobQueue:
     return StoreQueue(store) if client is None else RemoteQueue(client)
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """How a job ended, as a pipeline reads it (a `JobInfo` offers the same fields)."""
+
+    id: int
+    status: JobStatus  # one of records.TERMINAL
+    result: dict[str, Any] | None  # what the job reported (`attempt.write_result`)
+    error: str | None
+
+
 class RemoteControl:
     """A pipeline's control plane when an `aifab controller` serves this store (it holds the store's lock, so no
     embedded one may run): stages go to its HTTP API and share its pool with every other job. Its pool, policy,
@@ -200,13 +210,13 @@ class RemoteControl:
     def submit(self, spec: JobSpec) -> int:
         return int(self.client.call("POST", "/v1/jobs", json=spec.model_dump())["id"])
 
-    def wait_any(self, job_ids: list[int]) -> SimpleNamespace:
-        """The first of `job_ids` found ended: its id, status, result and error."""
+    def wait_any(self, job_ids: list[int]) -> JobEnd:
+        """The first of `job_ids` found ended."""
         while True:
             for job_id in job_ids:
                 job = self.client.call("GET", f"/v1/jobs/{job_id}")
                 if job["status"] in TERMINAL:
-                    return SimpleNamespace(**{k: job.get(k) for k in ("id", "status", "result", "error")})
+                    return JobEnd(job["id"], JobStatus(job["status"]), job.get("result"), job.get("error"))
             time.sleep(self.POLL_S)
 
     def __enter__(self) -> "RemoteControl":

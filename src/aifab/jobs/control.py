@@ -15,7 +15,6 @@ death while being preempted -> pending again, `preemptions += 1`; another exit -
 import fcntl
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -23,27 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from aifab.errors import AifabError
 from aifab.jobs import records
 from aifab.jobs.attempt import EXIT_PREEMPTED, RESULT_FILE, read_json
-from aifab.jobs.executors import LOST, Executor, LocalExecutor, Poll
+from aifab.jobs.executors import LOST, Executor, LocalExecutor, Poll, detect_nodes
 from aifab.jobs.launch import EXIT_CANNOT_START
-from aifab.jobs.records import JobInfo, JobSpec
-from aifab.schedule.policy import (
-    ClusterState,
-    JobView,
-    Node,
-    Placement,
-    Preempt,
-    Resources,
-    Running,
-    Share,
-    Start,
-    make_policy,
-    unplaceable,
-)
+from aifab.jobs.records import EventKind, JobInfo, JobSpec, JobStatus, request_of
+from aifab.schedule.policy import make_policy
+from aifab.schedule.state import ClusterState, JobView, Node, Placement, Preempt, Resources, Running, Start, unplaceable
 from aifab.store import Store
 from aifab.store.schema import utcnow
 
@@ -61,62 +49,9 @@ class JobTimeout(AifabError):
 class _Stopping:
     """An attempt the control plane asked to stop, and when it gets SIGKILL if still running."""
 
-    reason: str  # preempt | cancel
+    reason: Literal["preempt", "cancel"]
     kill_at: float  # time.monotonic()
     killed: bool = False
-
-
-def detect_nodes() -> list[Node]:
-    """This machine as one node: GPUs (NVML, else torch when an NVIDIA driver is present), usable CPUs and
-    total memory from /proc/meminfo."""
-    cpus = float(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else float(os.cpu_count() or 1)
-    memory_gb = 0.0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory_gb = int(line.split()[1]) / 1024**2  # kB -> GiB
-    except OSError:
-        pass
-    return [Node(socket.gethostname() or "local", tuple(range(_gpu_count())), cpus, round(memory_gb, 1))]
-
-
-def _gpu_count() -> int:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library: NVML raises its own error classes
-        pass
-    if not Path("/proc/driver/nvidia").exists():
-        return 0
-    import torch
-
-    return int(torch.cuda.device_count())
-
-
-def request_of(job: JobInfo | JobSpec) -> Resources:
-    return Resources(gpus=job.gpus, cpus=job.cpus, memory_gb=job.memory_gb)
-
-
-def placement_to_dict(placement: Placement) -> dict[str, Any]:
-    shares = [{"node": s.node, "gpu_ids": list(s.gpu_ids), "cpus": s.cpus, "memory_gb": s.memory_gb} for s in placement]
-    return {
-        "node": shares[0]["node"] if shares else None,
-        "gpu_ids": [g for s in placement for g in s.gpu_ids],
-        "shares": shares,
-    }
-
-
-def placement_of(job: JobInfo) -> Placement:
-    shares: list[dict[str, Any]] = (job.placement or {}).get("shares") or []
-    return tuple(
-        Share(str(s["node"]), tuple(int(g) for g in s["gpu_ids"]), float(s["cpus"]), float(s["memory_gb"]))
-        for s in shares
-    )
 
 
 def exit_text(code: int) -> str:
@@ -128,43 +63,44 @@ def exit_text(code: int) -> str:
     return f"exit code {code}"
 
 
+@dataclass(frozen=True)
+class ControlSettings:
+    """How a control plane schedules, and how quickly it acts. `pipeline.runner.control_settings` builds one from
+    factory.yaml's `orchestration:`; `aifab controller` from its flags."""
+
+    nodes: Sequence[Node] | None = None  # the pool; None: this machine (executors.detect_nodes)
+    policy: str = "default"  # a name for schedule.policy.make_policy
+    quotas: dict[str, Resources] | None = None  # project -> the most it may hold at once (absent: no limit)
+    weights: dict[str, float] | None = None  # project -> fair-share weight (absent: 1)
+    poll_s: float = 0.2  # between rounds of `run` and `wait`
+    preempt_grace_s: float = PREEMPT_GRACE_S
+    cancel_grace_s: float = CANCEL_GRACE_S
+    # Reads the pool again (e.g. the Ray cluster's alive nodes) every `refresh_every_s`; None: `nodes` is fixed.
+    refresh_nodes: Callable[[], list[Node]] | None = None
+    refresh_every_s: float = 10.0
+
+
 class ControlPlane:
-    """Schedules the jobs of `store` on `nodes` (None: this machine) with `executor` (None: LocalExecutor)
-    under `policy` (a name for policy.make_policy). `quotas`/`weights` are per project.
+    """Schedules the jobs of `store` as `settings` say (None: the defaults, on this machine) with `executor`
+    (None: LocalExecutor). Raises AifabError for an empty pool, an unknown policy, or a store another control
+    plane already owns.
 
-    With `refresh_nodes` (e.g. the Ray cluster's alive nodes), the pool is read again every `refresh_every_s`:
-    nodes that joined take work, and a node that died stops counting. Running jobs placed on a node that is
-    gone hold nothing in the policy's view; their attempts end as lost and are requeued."""
+    With `settings.refresh_nodes`, the pool is read again every `refresh_every_s`: nodes that joined take work,
+    and a node that died stops counting. Running jobs placed on a node that is gone hold nothing in the policy's
+    view; their attempts end as lost and are requeued."""
 
-    def __init__(
-        self,
-        store: Store,
-        nodes: Sequence[Node] | None = None,
-        executor: Executor | None = None,
-        policy: str = "default",
-        quotas: dict[str, Resources] | None = None,
-        weights: dict[str, float] | None = None,
-        *,
-        poll_s: float = 0.2,
-        preempt_grace_s: float = PREEMPT_GRACE_S,
-        cancel_grace_s: float = CANCEL_GRACE_S,
-        refresh_nodes: Callable[[], list[Node]] | None = None,
-        refresh_every_s: float = 10.0,
-    ) -> None:
+    def __init__(self, store: Store, settings: ControlSettings | None = None, executor: Executor | None = None) -> None:
         self.store = store
-        self.refresh_nodes, self.refresh_every_s = refresh_nodes, refresh_every_s
+        self.settings = settings = settings if settings is not None else ControlSettings()
         self._refreshed_at = time.monotonic()
-        self.nodes = list(nodes) if nodes is not None else detect_nodes()
+        self.nodes = list(settings.nodes) if settings.nodes is not None else detect_nodes()
         if not self.nodes:
             raise AifabError("the control plane needs at least one node")
         self.executor: Executor = executor if executor is not None else LocalExecutor(store.home)
         try:
-            self.policy = make_policy(policy)
+            self.policy = make_policy(settings.policy)
         except ValueError as e:
             raise AifabError(str(e)) from None
-        self.policy_name = policy
-        self.quotas, self.weights = quotas, weights
-        self.poll_s, self.preempt_grace_s, self.cancel_grace_s = poll_s, preempt_grace_s, cancel_grace_s
         self._stopping: dict[int, _Stopping] = {}
         self._tick_lock = threading.Lock()  # the loop thread and wait() callers tick one at a time
         self._lock_file = self._acquire(store.home / LOCK_FILE)
@@ -236,7 +172,7 @@ class ControlPlane:
             if deadline is not None and time.monotonic() >= deadline:
                 states = ", ".join(f"{i.id} {i.status}" for i in infos)
                 raise JobTimeout(f"no job ended within {timeout_s:g} s ({states})")
-            time.sleep(self.poll_s)
+            time.sleep(self.settings.poll_s)
 
     def run(self, stop: threading.Event) -> None:
         """Tick every `poll_s` until `stop` is set. A failing round is reported and the loop goes on."""
@@ -245,21 +181,23 @@ class ControlPlane:
                 self.tick()
             except Exception as e:  # e.g. a locked database: the next round retries, no state is lost
                 print(f"control plane: round failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            stop.wait(self.poll_s)
+            stop.wait(self.settings.poll_s)
 
     def recover(self) -> None:
         """On start: every row that says running is reattached when its attempt is still alive; else its end is
         read (exit.json) or it is marked lost and requeued. No row is dropped."""
-        for job in records.list_jobs(self.store, ("running",)):
+        for job in records.list_jobs(self.store, (JobStatus.RUNNING,)):
             if job.executor not in (None, self.executor.name):  # its handle means nothing to this executor
                 raise AifabError(
                     f"job {job.id} runs on the {job.executor} executor, not {self.executor.name}: "
                     f"start the control plane with --executor {job.executor}"
                 )
             if job.handle is not None and self.executor.reattach(job.handle):
-                records.transition(self.store, job.id, "reattached", {"attempt": job.attempts, "handle": job.handle})
-                if records.count_events(self.store, job.id, "preempting", job.attempts):
-                    self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.preempt_grace_s)
+                records.transition(
+                    self.store, job.id, EventKind.REATTACHED, {"attempt": job.attempts, "handle": job.handle}
+                )
+                if records.count_events(self.store, job.id, EventKind.PREEMPTING, job.attempts):
+                    self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.settings.preempt_grace_s)
             else:
                 self._watch(job, time.time())
 
@@ -267,14 +205,14 @@ class ControlPlane:
         """One round: reap and watch running attempts, then apply the policy's starts and preemptions."""
         with self._tick_lock:
             now_s = time.time()
-            for job in records.list_jobs(self.store, ("running",)):
+            for job in records.list_jobs(self.store, (JobStatus.RUNNING,)):
                 self._watch(job, now_s)
             active = records.list_jobs(self.store, records.ACTIVE)
             pending, running = [], []
             for job in active:
-                if job.status == "pending" and job.cancel_requested:
-                    self._finish(job, "cancelled", {"by": "user"}, expect="pending")
-                elif job.status == "pending":
+                if job.status == JobStatus.PENDING and job.cancel_requested:
+                    self._finish(job, JobStatus.CANCELLED, {"by": "user"}, expect=JobStatus.PENDING)
+                elif job.status == JobStatus.PENDING:
                     if job.not_before is None or job.not_before.timestamp() <= now_s:
                         pending.append(job)
                 else:
@@ -283,11 +221,11 @@ class ControlPlane:
                 return
             self._refresh()
             live = {n.name for n in self.nodes}
-            running = [j for j in running if all(share.node in live for share in placement_of(j))]
+            running = [j for j in running if all(share.node in live for share in j.shares())]
             runs = [
                 Running(
                     self._view(j),
-                    placement_of(j),
+                    j.shares(),
                     j.started_at.timestamp() if j.started_at else now_s,
                     stopping=j.id in self._stopping,
                 )
@@ -295,7 +233,7 @@ class ControlPlane:
             ]
             views = [self._view(j) for j in pending]
             try:
-                state = ClusterState.build(self.nodes, views, runs, self.quotas, self.weights, now_s)
+                state = ClusterState.build(self.nodes, views, runs, self.settings.quotas, self.settings.weights, now_s)
             except ValueError as e:  # e.g. restarted with fewer nodes than running jobs were placed on
                 raise AifabError(f"the running jobs do not fit this control plane's nodes: {e}") from None
             by_id = {j.id: j for j in active}
@@ -308,11 +246,11 @@ class ControlPlane:
     # -- one round's parts --------------------------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        if self.refresh_nodes is None or time.monotonic() - self._refreshed_at < self.refresh_every_s:
+        if self.settings.refresh_nodes is None or time.monotonic() - self._refreshed_at < self.settings.refresh_every_s:
             return
         self._refreshed_at = time.monotonic()
         try:
-            nodes = self.refresh_nodes()
+            nodes = self.settings.refresh_nodes()
         except Exception as e:  # the cluster is unreachable for now: keep the last pool, say so, try again later
             print(f"control plane: cannot read the pool: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return
@@ -334,15 +272,15 @@ class ControlPlane:
         )
 
     def _start(self, job: JobInfo, placement: Placement) -> None:
-        where = placement_to_dict(placement)
+        where = records.placement_record(placement)
         attempt = job.attempts + 1
         placed = records.transition(
             self.store,
             job.id,
-            "placed",
+            EventKind.PLACED,
             {"attempt": attempt, "node": where["node"], "gpu_ids": where["gpu_ids"]},
-            expect=("pending",),
-            status="running",
+            expect=(JobStatus.PENDING,),
+            status=JobStatus.RUNNING,
             attempts=attempt,
             executor=self.executor.name,
             node=where["node"],
@@ -361,15 +299,14 @@ class ControlPlane:
         except (AifabError, OSError) as e:
             self._end_attempt(info, EXIT_CANNOT_START, time.time(), error=f"cannot start: {e}")
             return
-        records.transition(
-            self.store, job.id, "started", {"attempt": attempt, "handle": handle}, expect=("running",), handle=handle
-        )
+        started = {"attempt": attempt, "handle": handle}
+        records.transition(self.store, job.id, EventKind.STARTED, started, expect=(JobStatus.RUNNING,), handle=handle)
 
     def _preempt(self, job: JobInfo, reason: str) -> None:
-        if job.status != "running" or job.handle is None or job.id in self._stopping or not job.preemptible:
+        if job.status != JobStatus.RUNNING or job.handle is None or job.id in self._stopping or not job.preemptible:
             return
-        records.transition(self.store, job.id, "preempting", {"attempt": job.attempts, "reason": reason})
-        self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.preempt_grace_s)
+        records.transition(self.store, job.id, EventKind.PREEMPTING, {"attempt": job.attempts, "reason": reason})
+        self._stopping[job.id] = _Stopping("preempt", time.monotonic() + self.settings.preempt_grace_s)
         self.executor.terminate(job.handle)
 
     def _watch(self, job: JobInfo, now_s: float) -> None:
@@ -383,15 +320,17 @@ class ControlPlane:
             return
         stopping = self._stopping.get(job.id)
         if job.cancel_requested and (stopping is None or stopping.reason != "cancel"):
-            deadline = time.monotonic() + self.cancel_grace_s
+            deadline = time.monotonic() + self.settings.cancel_grace_s
             stopping = self._stopping[job.id] = _Stopping(
                 "cancel", min(deadline, stopping.kill_at) if stopping else deadline
             )
-            records.transition(self.store, job.id, "terminating", {"attempt": job.attempts, "reason": "cancel"})
+            records.transition(self.store, job.id, EventKind.TERMINATING, {"attempt": job.attempts, "reason": "cancel"})
             self.executor.terminate(job.handle)
         if stopping is not None and not stopping.killed and time.monotonic() >= stopping.kill_at:
             stopping.killed = True
-            records.transition(self.store, job.id, "killing", {"attempt": job.attempts, "reason": stopping.reason})
+            records.transition(
+                self.store, job.id, EventKind.KILLING, {"attempt": job.attempts, "reason": stopping.reason}
+            )
             self.executor.kill(job.handle)
 
     def _end_attempt(self, job: JobInfo, res: Poll, now_s: float, error: str | None = None) -> None:
@@ -411,49 +350,56 @@ class ControlPlane:
             if job.handle is not None:
                 self.executor.kill(job.handle)  # whatever the lost launcher left behind
             self._refreshed_at = float("-inf")  # a vanished attempt may mean a vanished node: read the pool
-            lost = records.count_events(self.store, job.id, "lost")
+            lost = records.count_events(self.store, job.id, EventKind.LOST)
             if job.cancel_requested:
-                self._finish(job, "cancelled", {**detail, "by": "user"}, **common)
+                self._finish(job, JobStatus.CANCELLED, {**detail, "by": "user"}, **common)
             elif lost < MAX_LOST:
                 why = error or "the attempt vanished without an exit code"
                 records.transition(
-                    self.store, job.id, "lost", {**detail, "error": why}, expect=("running",), status="pending",
-                    error=why, **common,
+                    self.store, job.id, EventKind.LOST, {**detail, "error": why}, expect=(JobStatus.RUNNING,),
+                    status=JobStatus.PENDING, error=why, **common,
                 )  # fmt: skip
             else:
                 why = f"lost {lost + 1} times (the attempt vanished without an exit code)"
-                self._finish(job, "failed", {**detail, "error": why}, error=why, **common)
+                self._finish(job, JobStatus.FAILED, {**detail, "error": why}, error=why, **common)
             return
         assert isinstance(res, int)
         preempting = (stopping is not None and stopping.reason == "preempt") or (
-            stopping is None and records.count_events(self.store, job.id, "preempting", job.attempts) > 0
+            stopping is None and records.count_events(self.store, job.id, EventKind.PREEMPTING, job.attempts) > 0
         )
         if job.cancel_requested:
-            self._finish(job, "cancelled", {**detail, "by": "user"}, **common)
+            self._finish(job, JobStatus.CANCELLED, {**detail, "by": "user"}, **common)
         elif res == 0:
-            self._finish(job, "succeeded", detail, **common)
+            self._finish(job, JobStatus.SUCCEEDED, detail, **common)
         elif res == EXIT_PREEMPTED or (preempting and res in (-signal.SIGTERM, -signal.SIGKILL)):
             records.transition(
-                self.store, job.id, "preempted", detail, expect=("running",), status="pending",
-                preemptions=job.preemptions + 1, **common,
+                self.store, job.id, EventKind.PREEMPTED, detail, expect=(JobStatus.RUNNING,),
+                status=JobStatus.PENDING, preemptions=job.preemptions + 1, **common,
             )  # fmt: skip
         else:
             why = error or exit_text(res)
-            retries = records.count_events(self.store, job.id, "retrying")
+            retries = records.count_events(self.store, job.id, EventKind.RETRYING)
             if retries < job.max_retries:
                 delay_s = job.backoff_s * 2**retries
                 not_before = datetime.now(UTC) + timedelta(seconds=min(delay_s, 1e9))
                 records.transition(
-                    self.store, job.id, "retrying",
+                    self.store, job.id, EventKind.RETRYING,
                     {**detail, "error": why, "retry": retries + 1, "delay_s": delay_s},
-                    expect=("running",), status="pending", error=why, not_before=not_before, **common,
+                    expect=(JobStatus.RUNNING,), status=JobStatus.PENDING, error=why, not_before=not_before, **common,
                 )  # fmt: skip
             else:
-                self._finish(job, "failed", {**detail, "error": why}, error=why, **common)
+                self._finish(job, JobStatus.FAILED, {**detail, "error": why}, error=why, **common)
 
     def _finish(
-        self, job: JobInfo, status: str, detail: dict[str, Any], expect: str = "running", **values: Any
+        self,
+        job: JobInfo,
+        status: JobStatus,
+        detail: dict[str, Any],
+        expect: JobStatus = JobStatus.RUNNING,
+        **values: Any,
     ) -> None:
+        """End the job as `status` (a terminal one), recorded as the event of the same name."""
+        event = EventKind(status)
         records.transition(
-            self.store, job.id, status, detail, expect=(expect,), status=status, finished_at=utcnow(), **values
+            self.store, job.id, event, detail, expect=(expect,), status=status, finished_at=utcnow(), **values
         )

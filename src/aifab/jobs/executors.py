@@ -1,5 +1,6 @@
 """Executors start and watch job attempts. The control plane talks to them through `Executor` only; each backend
-is one file (this one holds the protocol and the local backend; Ray lives in its own file).
+is one file (this one holds the protocol and the local backend with its pool, `detect_nodes`; Ray lives in its
+own file).
 
 Contract: `start()` returns a handle, a short string stored in `jobs.handle` that must still work after the
 control plane restarts. `poll()` returns the attempt's exit code once it ended, None while it runs, or `LOST`
@@ -9,6 +10,7 @@ when it is gone without an exit code. A job ends its attempt with `attempt.EXIT_
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -19,7 +21,7 @@ from aifab.errors import AifabError
 from aifab.jobs.attempt import EXIT_FILE, LAUNCH_FILE, RESULT_FILE, read_json
 from aifab.jobs.launch import alive, proc_start_ticks
 from aifab.jobs.records import JobInfo, job_dir
-from aifab.schedule.policy import Placement
+from aifab.schedule.state import Node, Placement
 
 LOST: Final = "lost"
 Poll = int | Literal["lost"] | None
@@ -48,6 +50,38 @@ class Executor(Protocol):
     def reattach(self, handle: str) -> bool:
         """After a control-plane restart: True when the attempt still runs, so polling it goes on."""
         ...
+
+
+def detect_nodes() -> list[Node]:
+    """This machine as one node, the pool of the local executor: GPUs (NVML, else torch when an NVIDIA driver is
+    present), usable CPUs and total memory from /proc/meminfo."""
+    cpus = float(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else float(os.cpu_count() or 1)
+    memory_gb = 0.0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gb = int(line.split()[1]) / 1024**2  # kB -> GiB
+    except OSError:
+        pass
+    return [Node(socket.gethostname() or "local", tuple(range(_gpu_count())), cpus, round(memory_gb, 1))]
+
+
+def _gpu_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: NVML raises its own error classes
+        pass
+    if not Path("/proc/driver/nvidia").exists():
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
 
 
 class LocalExecutor:

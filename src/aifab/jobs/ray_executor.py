@@ -43,7 +43,7 @@ from aifab.jobs.attempt import EXIT_FILE, LAUNCH_FILE, RESULT_FILE, read_json, w
 from aifab.jobs.executors import LOST, Poll
 from aifab.jobs.launch import EXIT_CANNOT_START
 from aifab.jobs.records import JobInfo, job_dir
-from aifab.schedule.policy import Node, Placement
+from aifab.schedule.state import Node, Placement
 
 START_TIMEOUT_S = 120.0  # Ray places the actor and it starts the command, or start() gives up
 CALL_TIMEOUT_S = 30.0  # a signal or status call to a live actor

@@ -9,26 +9,90 @@ to pending. Files of a job live in `$AIFAB_HOME/jobs/<id>/`: `job.log` (all atte
 plus the files of `aifab.jobs.attempt`.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import CursorResult, func, select, update
 
 from aifab.errors import AifabError, NotFound
+from aifab.schedule.state import Placement, Resources, Share
 from aifab.store import Store
 from aifab.store.names import NAME_RE
 from aifab.store.schema import Job, JobEvent, utcnow
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-ACTIVE = ("pending", "running")
+
+class JobStatus(StrEnum):
+    """A job's state (`jobs.status`); the values are what the store and the HTTP API hold."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+ACTIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+
+
+class EventKind(StrEnum):
+    """What a `job_events` row records. A job's end is recorded under its final status's name."""
+
+    SUBMITTED = "submitted"
+    PLACED = "placed"  # the policy gave it a placement; the row says running
+    STARTED = "started"  # the executor started the attempt and returned its handle
+    REATTACHED = "reattached"  # a restarted control plane found the attempt still running
+    PREEMPTING = "preempting"  # SIGTERM sent for a higher-priority job
+    PREEMPTED = "preempted"  # the attempt stopped for it; the job is pending again
+    RETRYING = "retrying"  # the attempt failed with retries left; pending again after a backoff
+    LOST = "lost"  # the attempt vanished without an exit code; pending again
+    CANCEL_REQUESTED = "cancel-requested"
+    TERMINATING = "terminating"  # SIGTERM sent for a cancel
+    KILLING = "killing"  # the grace period ran out: SIGKILL
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 LOG_FILE = "job.log"
 
 
 class JobConflict(AifabError):
     """The job is not in a state that allows the request (e.g. cancelling a finished job)."""
+
+
+class ShareRecord(TypedDict):
+    """One node's part of a placement, as stored in `jobs.placement`."""
+
+    node: str
+    gpu_ids: list[int]
+    cpus: float
+    memory_gb: float
+
+
+class PlacementRecord(TypedDict):
+    """Where an attempt runs, as stored in `jobs.placement` and shown by the API: `node` and `gpu_ids` sum the
+    shares up (the first node; every GPU id in share order) for a reader that does not care about gangs."""
+
+    node: str | None
+    gpu_ids: list[int]
+    shares: list[ShareRecord]
+
+
+def placement_record(placement: Placement) -> PlacementRecord:
+    shares: list[ShareRecord] = [
+        {"node": s.node, "gpu_ids": list(s.gpu_ids), "cpus": s.cpus, "memory_gb": s.memory_gb} for s in placement
+    ]
+    return {
+        "node": shares[0]["node"] if shares else None,
+        "gpu_ids": [g for s in placement for g in s.gpu_ids],
+        "shares": shares,
+    }
 
 
 class JobSpec(BaseModel):
@@ -96,9 +160,9 @@ class JobInfo:
     project: str
     priority: int
     kind: str
-    status: str
+    status: JobStatus
     command: list[str]
-    env: dict[str, Any]
+    env: dict[str, str]  # JobSpec.env
     gpus: int
     cpus: float
     memory_gb: float
@@ -110,7 +174,7 @@ class JobInfo:
     attained_gpu_s: float
     executor: str | None
     node: str | None
-    placement: dict[str, Any] | None
+    placement: PlacementRecord | None
     handle: str | None
     log_path: str | None
     exit_code: int | None
@@ -124,11 +188,20 @@ class JobInfo:
 
     @classmethod
     def of(cls, row: Job) -> "JobInfo":
-        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+        values = {f.name: getattr(row, f.name) for f in fields(cls)}
+        return cls(**{**values, "status": JobStatus(row.status)})
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def shares(self) -> Placement:
+        """The placement of the current (or last) attempt; empty when it has none."""
+        stored = (self.placement.get("shares") if self.placement else None) or []
+        return tuple(
+            Share(str(s["node"]), tuple(int(g) for g in s["gpu_ids"]), float(s["cpus"]), float(s["memory_gb"]))
+            for s in stored
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 strings."""
@@ -137,6 +210,11 @@ class JobInfo:
             value = getattr(self, f.name)
             out[f.name] = value.isoformat() if isinstance(value, datetime) else value
         return out
+
+
+def request_of(job: JobInfo | JobSpec) -> Resources:
+    """What the job asks the pool for."""
+    return Resources(gpus=job.gpus, cpus=job.cpus, memory_gb=job.memory_gb)
 
 
 def job_dir(home: Path, job_id: int) -> Path:
@@ -151,7 +229,7 @@ def submit(store: Store, spec: JobSpec) -> int:
             project=spec.project,
             priority=spec.priority,
             kind=spec.kind,
-            status="pending",
+            status=JobStatus.PENDING,
             command=list(spec.command),
             env=dict(spec.env),
             gpus=spec.gpus,
@@ -164,7 +242,8 @@ def submit(store: Store, spec: JobSpec) -> int:
         s.add(row)
         s.flush()
         row.log_path = str(job_dir(store.home, row.id) / LOG_FILE)
-        s.add(JobEvent(job_id=row.id, event="submitted", detail={"priority": spec.priority, "project": spec.project}))
+        detail = {"priority": spec.priority, "project": spec.project}
+        s.add(JobEvent(job_id=row.id, event=EventKind.SUBMITTED, detail=detail))
         return row.id
 
 
@@ -177,9 +256,10 @@ def get(store: Store, job_id: int) -> JobInfo:
 
 
 def list_jobs(
-    store: Store, statuses: tuple[str, ...] | None = None, project: str | None = None, limit: int | None = None
+    store: Store, statuses: Sequence[str] | None = None, project: str | None = None, limit: int | None = None
 ) -> list[JobInfo]:
-    """Jobs, oldest first; `statuses`/`project` filter, `limit` keeps the newest that many."""
+    """Jobs, oldest first; `statuses` (JobStatus values; another string matches nothing) and `project` filter,
+    `limit` keeps the newest that many."""
     q = select(Job)
     if statuses is not None:
         q = q.where(Job.status.in_(statuses))
@@ -192,31 +272,59 @@ def list_jobs(
         return [JobInfo.of(r) for r in reversed(s.scalars(q).all())]
 
 
-def counts_by_status(store: Store) -> dict[str, int]:
+def counts_by_status(store: Store) -> dict[JobStatus, int]:
+    """Jobs per status; a status no job has is absent."""
     with store.db.session() as s:
-        return {status: n for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
+        rows = s.execute(select(Job.status, func.count()).group_by(Job.status))
+        return {JobStatus(status): n for status, n in rows}
 
 
-def totals(store: Store) -> dict[str, int]:
-    """Over every job ever submitted: attempts preempted, and failed attempts retried (two aggregate queries)."""
+@dataclass(frozen=True)
+class JobTotals:
+    """Over every job ever submitted."""
+
+    preemptions: int  # attempts stopped for another job
+    retries: int  # failed attempts retried
+
+
+def totals(store: Store) -> JobTotals:
+    """Attempts preempted and failed attempts retried, over every job (two aggregate queries)."""
     with store.db.session() as s:
         preemptions = s.scalar(select(func.coalesce(func.sum(Job.preemptions), 0)))
-        retries = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.event == "retrying"))
-    return {"preemptions": int(preemptions or 0), "retries": int(retries or 0)}
+        retries = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.event == EventKind.RETRYING))
+    return JobTotals(preemptions=int(preemptions or 0), retries=int(retries or 0))
 
 
-def events(store: Store, job_id: int, event: str | None = None) -> list[dict[str, Any]]:
-    """The job's event trail, oldest first: {"at", "event", "detail"}; `event` keeps one kind only."""
+@dataclass(frozen=True)
+class EventInfo:
+    """One row of a job's event trail."""
+
+    at: datetime
+    event: str  # an EventKind value (a plain string, so rows of an older version still read)
+    detail: dict[str, Any]  # what the event is about: the attempt, an exit code, a reason...
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as the API shows it: {"at" (ISO 8601), "event", "detail"}."""
+        return {"at": self.at.isoformat(), "event": self.event, "detail": self.detail}
+
+
+def events(store: Store, job_id: int, event: EventKind | None = None) -> list[EventInfo]:
+    """The job's event trail, oldest first; `event` keeps one kind only. NotFound for an unknown job."""
     get(store, job_id)  # unknown job -> NotFound
     q = select(JobEvent).where(JobEvent.job_id == job_id)
     if event is not None:
         q = q.where(JobEvent.event == event)
     with store.db.session() as s:
         rows = s.scalars(q.order_by(JobEvent.id)).all()
-        return [{"at": r.at.isoformat(), "event": r.event, "detail": dict(r.detail)} for r in rows]
+        return [EventInfo(r.at, r.event, dict(r.detail)) for r in rows]
 
 
-def count_events(store: Store, job_id: int, event: str, since_attempt: int | None = None) -> int:
+def describe(store: Store, job_id: int) -> dict[str, Any]:
+    """One job as the API shows it: `JobInfo.to_dict()` plus `events` (each `EventInfo.to_dict()`)."""
+    return {**get(store, job_id).to_dict(), "events": [e.to_dict() for e in events(store, job_id)]}
+
+
+def count_events(store: Store, job_id: int, event: EventKind, since_attempt: int | None = None) -> int:
     """How many `event` rows the job has (with `since_attempt`: those whose detail names that attempt)."""
     with store.db.session() as s:
         rows = s.scalars(select(JobEvent.detail).where(JobEvent.job_id == job_id, JobEvent.event == event)).all()
@@ -233,10 +341,10 @@ def log_path(store: Store, job_id: int) -> Path:
 def transition(
     store: Store,
     job_id: int,
-    event: str,
+    event: EventKind,
     detail: dict[str, Any] | None = None,
     *,
-    expect: tuple[str, ...] | None = None,
+    expect: tuple[JobStatus, ...] | None = None,
     **values: Any,
 ) -> bool:
     """In one transaction: set `values` on the job if its status is in `expect` (any, when None), and record
@@ -259,16 +367,17 @@ def transition(
 def cancel(store: Store, job_id: int) -> JobInfo:
     """Cancel a job: a pending one at once, a running one by asking the control plane to stop it (SIGTERM, then
     SIGKILL after a grace period). Cancelling a cancelled job is a no-op; a finished one is a JobConflict."""
+    pending, running, cancelled = JobStatus.PENDING, JobStatus.RUNNING, JobStatus.CANCELLED
     info = get(store, job_id)
-    if info.status == "pending" and transition(
-        store, job_id, "cancelled", {"by": "user"}, expect=("pending",), status="cancelled", finished_at=utcnow()
+    if info.status == pending and transition(
+        store, job_id, EventKind.CANCELLED, {"by": "user"}, expect=(pending,), status=cancelled, finished_at=utcnow()
     ):
         return get(store, job_id)
-    if info.status in ("pending", "running") and transition(
-        store, job_id, "cancel-requested", {}, expect=("running",), cancel_requested=True
+    if info.status in ACTIVE and transition(
+        store, job_id, EventKind.CANCEL_REQUESTED, {}, expect=(running,), cancel_requested=True
     ):
         return get(store, job_id)
     info = get(store, job_id)
-    if info.status == "cancelled" or info.cancel_requested:
+    if info.status == cancelled or info.cancel_requested:
         return info
     raise JobConflict(f"job {job_id} already {info.status}; nothing to cancel")

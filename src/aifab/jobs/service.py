@@ -1,5 +1,5 @@
 """The control-plane HTTP service: jobs in, states, logs and metrics out. Thin on purpose: the job records
-(jobs.py) and the control loop (control.py) do the work; the loop runs in this same process.
+(records.py) and the control loop (control.py) do the work; the loop runs in this same process.
 
 Endpoints: POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{id} (with its events), GET /v1/jobs/{id}/logs
 (`?follow=true` streams until the job ends), POST /v1/jobs/{id}/cancel, GET /healthz, GET /metrics.
@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from aifab.errors import AifabError, NotFound
 from aifab.jobs import records
 from aifab.jobs.attempt import write_json_atomic
 from aifab.jobs.control import ControlPlane
-from aifab.jobs.records import JobConflict, JobSpec
+from aifab.jobs.records import JobConflict, JobSpec, JobStatus
 from aifab.web import error, require_bearer
 
 CONTROLLER_FILE = "controller.json"
@@ -45,22 +46,22 @@ class _JobMetrics(Collector):
         store = self.cp.store
         by_status = GaugeMetricFamily("aifab_jobs", "Jobs by state.", labels=["status"])
         counts = records.counts_by_status(store)
-        for status in ("pending", "running", *records.TERMINAL):
-            by_status.add_metric([status], counts.get(status, 0))
+        for status in JobStatus:
+            by_status.add_metric([status.value], counts.get(status, 0))
         yield by_status
         active = records.list_jobs(store, records.ACTIVE)
         yield GaugeMetricFamily(
-            "aifab_queue_depth", "Pending jobs.", value=sum(1 for j in active if j.status == "pending")
+            "aifab_queue_depth", "Pending jobs.", value=sum(1 for j in active if j.status == JobStatus.PENDING)
         )
         yield GaugeMetricFamily(
             "aifab_gpus_allocated",
             "GPUs held by running jobs.",
-            value=sum(j.gpus for j in active if j.status == "running"),
+            value=sum(j.gpus for j in active if j.status == JobStatus.RUNNING),
         )
         yield GaugeMetricFamily("aifab_gpus", "GPUs in the pool.", value=sum(len(n.gpu_ids) for n in self.cp.nodes))
         totals = records.totals(store)
-        yield CounterMetricFamily("aifab_job_preemptions", "Attempts stopped for others.", value=totals["preemptions"])
-        yield CounterMetricFamily("aifab_job_retries", "Failed attempts retried.", value=totals["retries"])
+        yield CounterMetricFamily("aifab_job_preemptions", "Attempts stopped for others.", value=totals.preemptions)
+        yield CounterMetricFamily("aifab_job_retries", "Failed attempts retried.", value=totals.retries)
 
 
 def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
@@ -97,7 +98,7 @@ def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
         return {
             "status": "ok",
             "pid": os.getpid(),
-            "policy": cp.policy_name,
+            "policy": cp.settings.policy,
             "nodes": [
                 {"name": n.name, "gpus": len(n.gpu_ids), "cpus": n.cpus, "memory_gb": n.memory_gb} for n in cp.nodes
             ],
@@ -124,7 +125,7 @@ def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}")
     def show(job_id: int) -> dict[str, Any]:
-        return {**records.get(store, job_id).to_dict(), "events": records.events(store, job_id)}
+        return records.describe(store, job_id)
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: int) -> dict[str, Any]:
@@ -170,8 +171,17 @@ def _read_chunk(path: Path, offset: int) -> bytes:
         return b""
 
 
-def read_controller_file(home: Path) -> dict[str, Any] | None:
-    """What a running controller wrote about itself ({"url", "pid", "token_required"}), if its process lives."""
+@dataclass(frozen=True)
+class ControllerInfo:
+    """What a running controller writes about itself in `$AIFAB_HOME/controller.json`, for the CLI to find it."""
+
+    url: str  # where its API answers
+    pid: int
+    token_required: bool  # whether requests need `Authorization: Bearer <token>`
+
+
+def read_controller_file(home: Path) -> ControllerInfo | None:
+    """What a running controller wrote about itself, if its process lives (else None, as for a missing file)."""
     from aifab.jobs.attempt import read_json
 
     info = read_json(home / CONTROLLER_FILE)
@@ -183,7 +193,7 @@ def read_controller_file(home: Path) -> dict[str, Any] | None:
         return None
     except PermissionError:
         pass
-    return info
+    return ControllerInfo(str(info["url"]), info["pid"], bool(info.get("token_required")))
 
 
 def run_controller(
@@ -206,7 +216,7 @@ def run_controller(
             signal.signal(sig, lambda *_: stop.set())
     with BackgroundServer(create_app(cp, token=token), sock=sock) as srv:
         url = f"http://{srv.host}:{srv.port}" if ":" not in str(srv.host) else f"http://[{srv.host}]:{srv.port}"
-        write_json_atomic(info_path, {"url": url, "pid": os.getpid(), "token_required": token is not None})
+        write_json_atomic(info_path, asdict(ControllerInfo(url, os.getpid(), token_required=token is not None)))
         loop.start()
         if on_ready is not None:
             on_ready(url)
@@ -217,5 +227,5 @@ def run_controller(
             stop.set()
             loop.join(timeout=30)
             info = read_controller_file(cp.store.home)
-            if info is not None and info.get("pid") == os.getpid():
+            if info is not None and info.pid == os.getpid():
                 info_path.unlink(missing_ok=True)

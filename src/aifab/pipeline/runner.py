@@ -27,6 +27,7 @@ from aifab.store import Store
 from aifab.store.schema import StageRun, utcnow
 
 if TYPE_CHECKING:
+    from aifab.jobs.control import ControlSettings
     from aifab.jobs.records import JobSpec
     from aifab.meter.ledger import Meter
 
@@ -183,14 +184,15 @@ def task_of(pipeline: Pipeline, stage: Stage, outputs: dict[str, dict[str, Any]]
     return Task(pipeline.name, stage.name, stage.uses, stage.params, inputs, pipeline.prices, str(pipeline.base))
 
 
-def control_settings(spec: FactorySpec) -> dict[str, Any]:
-    """ControlPlane keyword arguments from factory.yaml's `orchestration:` section: the pool (None: this
+def control_settings(spec: FactorySpec) -> "ControlSettings":
+    """The control plane's settings from factory.yaml's `orchestration:` section: the pool (None: this
     machine), the policy, per-project quotas (a missing field is unlimited) and fair-share weights."""
+    from aifab.jobs.control import ControlSettings
     from aifab.schedule.state import Resources
 
     orch = spec.orchestration
     quotas = {p: Resources(q.gpus or 0, q.cpus or 0.0, q.memory_gb or 0.0) for p, q in (orch.quotas or {}).items()}
-    return {"nodes": pool_nodes(spec), "policy": orch.policy, "quotas": quotas or None, "weights": orch.weights}
+    return ControlSettings(nodes=pool_nodes(spec), policy=orch.policy, quotas=quotas or None, weights=orch.weights)
 
 
 def open_control(store: Store, spec: FactorySpec) -> Any:
@@ -200,7 +202,7 @@ def open_control(store: Store, spec: FactorySpec) -> Any:
     from aifab.jobs.client import remote_control
     from aifab.jobs.control import ControlPlane
 
-    return remote_control(store) or ControlPlane(store, **control_settings(spec))
+    return remote_control(store) or ControlPlane(store, control_settings(spec))
 
 
 def _check_force(pipeline: Pipeline, force: Iterable[str]) -> set[str]:

@@ -14,21 +14,17 @@ What a decision promises (the control plane relies on it):
 - A job that asks for at most the GPUs of the largest node runs on one node; a larger job (a gang) gets whole
   free nodes, all at once or not at all.
 
-Policies (`make_policy`):
+Policies (`make_policy`), all one `RulePolicy` with different switches:
 - `fifo`: arrival order; the first job that does not fit blocks everything behind it. Spreads jobs over nodes.
 - `priority-fair`: higher priority first; within a priority, the project furthest below its fair share first
   (weighted dominant share: max of held GPU and CPU fractions of the pool, divided by the project's weight);
   quotas; backfill of later jobs that fit; preemption of lower-priority preemptible jobs. It packs jobs onto
-  the fullest node that fits, keeping whole nodes free for gangs (spreading them instead, as Kubernetes does by
-  default, left GPU fragments no multi-GPU job could use: on the 100k-job trace its average JCT was 1.09x
-  FIFO's, against 0.13x when packing).
+  the fullest node that fits, keeping whole nodes free for gangs.
 - `default`: `priority-fair` plus least-attained-service (Tiresias-style, no duration estimates needed): within a
-  priority, jobs sit in discrete queues by the GPU-seconds they have already run (`LAS_LIMITS_GPU_S`); a lower
+  priority, jobs sit in discrete queues by the GPU-seconds they have already run (`state.LAS_LIMITS_GPU_S`); a lower
   queue goes first and may preempt jobs of a higher queue that have run at least `LAS_MIN_RUN_S` this attempt.
-  Heavy-tailed run times make this shorten the average completion time: a job that has run long is likely to
-  run long still. It pays off when the cluster is oversubscribed: on the synthetic Philly-shaped trace
-  (benchmarks/schedule.py --quick) at offered load 1.0 it matches `priority-fair`, and at load 1.5 its average
-  JCT is 1.76 h against 3.83 h.
+
+Why these choices, and what they measured on the simulator: docs/schedule.md.
 """
 
 from __future__ import annotations
@@ -39,51 +35,22 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aifab.schedule.state import (
-    _NONE,
-    LAS_LIMITS_GPU_S,
     ClusterState,
     Decision,
     JobId,
     JobView,
-    Node,
     NodeFree,
+    PendingEntry,
     Placement,
     Preempt,
     Resources,
     Running,
     Share,
     Start,
-    _covers,
-    _Entry,
-    _plus,
-    _within_quota,
     attained_now,
     las_queue,
-    unplaceable,
+    split_gang,
 )
-
-__all__ = [  # the policy, and (from state.py) its inputs and outputs
-    "LAS_LIMITS_GPU_S",
-    "LAS_MIN_RUN_S",
-    "POLICIES",
-    "ClusterState",
-    "Decision",
-    "JobId",
-    "JobView",
-    "Node",
-    "Placement",
-    "Policy",
-    "Preempt",
-    "Resources",
-    "Running",
-    "Scheduler",
-    "Share",
-    "Start",
-    "attained_now",
-    "las_queue",
-    "make_policy",
-    "unplaceable",
-]
 
 # A job preempted for LAS reasons must have run this long in its current attempt: a restart costs work (the steps
 # since the last checkpoint, the reload), so a job must be able to pay for it before it can be asked to again.
@@ -101,6 +68,8 @@ MAX_VICTIM_SCAN = 128
 
 
 class Policy(Protocol):
+    """Decides on a `ClusterState` without changing it; the decisions keep the promises of this module's doc."""
+
     name: str
 
     def decide(self, state: ClusterState) -> list[Decision]: ...
@@ -137,7 +106,7 @@ class _Call:
         return self.touched.get(name) or self.state.free[name]
 
     def held(self, project: str) -> Resources:
-        return self.usage.get(project) or self.state.usage.get(project, _NONE)
+        return self.usage.get(project) or self.state.usage.get(project, Resources.ZERO)
 
     def share_of(self, project: str) -> float:
         """Weighted dominant share: the larger of the project's GPU and CPU fractions, over its weight."""
@@ -159,7 +128,7 @@ class _Call:
             self.touched[share.node] = after
             self.touched_by_free[len(after.gpu_ids)][share.node] = None
             self.free_gpus -= len(share.gpu_ids)
-        self.usage[job.project] = _plus(self.held(job.project), job.request)
+        self.usage[job.project] = self.held(job.project) + job.request
 
     def candidates(self, gpus: int, pack: bool) -> Iterator[str]:
         """Nodes with at least `gpus` free GPUs: the fullest first when packing, else the emptiest first."""
@@ -180,27 +149,20 @@ class _Call:
                 if node.cpus >= request.cpus - 1e-9 and node.memory_gb >= request.memory_gb - 1e-9:
                     return (Share(name, tuple(node.gpu_ids[: request.gpus]), request.cpus, request.memory_gb),)
             return None
-        shares: list[Share] = []
-        left = request.gpus
-        for size in self.state.node_sizes:
-            for name in self.state.by_free_gpus[size]:
-                if name in self.touched or len(self.state.nodes[name].gpu_ids) != size:
-                    continue
-                give = min(left, size)
-                node = self.state.free[name]
-                cpus, memory_gb = request.cpus * give / request.gpus, request.memory_gb * give / request.gpus
-                if node.cpus < cpus - 1e-9 or node.memory_gb < memory_gb - 1e-9:
-                    continue
-                shares.append(Share(name, tuple(node.gpu_ids[:give]), cpus, memory_gb))
-                left -= give
-                if left == 0:
-                    return tuple(shares)
-        return None
+        state = self.state
+        whole = (  # nodes with every GPU free, none of them taken by this call; the largest first
+            (name, state.free[name])
+            for size in state.node_sizes
+            for name in state.by_free_gpus[size]
+            if name not in self.touched and len(state.nodes[name].gpu_ids) == size
+        )
+        shares = [share for share, fits in split_gang(request, whole) if fits]
+        return tuple(shares) if sum(len(s.gpu_ids) for s in shares) == request.gpus else None
 
 
 @dataclass
-class Scheduler:
-    """The three policies are one algorithm with switches; `make_policy` names the combinations."""
+class RulePolicy:
+    """The one scheduling algorithm, with switches; `make_policy` names the combinations (`POLICIES`)."""
 
     name: str
     fair: bool  # priority classes, fair share between projects, backfill; else strict arrival order
@@ -225,7 +187,7 @@ class Scheduler:
         for scanned, (_, job) in enumerate(state.pending_fifo):
             if scanned >= MAX_SCAN:
                 break
-            if not _within_quota(call.held(job.project), job.request, state.quotas.get(job.project)):
+            if not job.request.fits_quota(call.held(job.project), state.quotas.get(job.project)):
                 continue  # it could not run however free the pool was; it does not hold up the queue
             placement = call.place(job.request, self.pack)
             if placement is None:
@@ -256,16 +218,16 @@ class Scheduler:
                         continue
                     job = entry[1]
                     budget -= 1
-                    if not _within_quota(call.held(project), job.request, state.quotas.get(project)):
+                    if not job.request.fits_quota(call.held(project), state.quotas.get(project)):
                         continue
-                    if any(_covers(job.request, f) for f in failed):
+                    if any(job.request.covers(f) for f in failed):
                         placement = None
                     else:
                         placement = call.place(job.request, self.pack)
                     if placement is None:
                         if len(blocked) < PREEMPT_TRIES:
                             blocked.append(job)
-                        if not any(_covers(job.request, f) for f in failed):
+                        if not any(job.request.covers(f) for f in failed):
                             failed.append(job.request)
                         if call.free_gpus == 0 and state.pending_without_gpus == 0:
                             return blocked  # nothing more can start in this call
@@ -278,14 +240,14 @@ class Scheduler:
                     heapq.heapreplace(heap, (misses, call.share_of(project), project))
         return blocked
 
-    def _groups(self, levels: dict[int, dict[str, list[_Entry]]]) -> Iterator[dict[str, Iterator[_Entry]]]:
+    def _groups(self, levels: dict[int, dict[str, list[PendingEntry]]]) -> Iterator[dict[str, Iterator[PendingEntry]]]:
         """The pending jobs of one priority, as groups scheduled one after the other; each maps a project to its
         jobs in submission order. With LAS a group is one queue; without, the whole priority."""
         if self.las:
             for queue in sorted(levels):
                 yield {project: iter(entries) for project, entries in levels[queue].items()}
             return
-        by_project: dict[str, list[list[_Entry]]] = {}
+        by_project: dict[str, list[list[PendingEntry]]] = {}
         for queue in sorted(levels):
             for project, entries in levels[queue].items():
                 by_project.setdefault(project, []).append(entries)
@@ -356,9 +318,9 @@ def _preempts(victims: list[tuple[Running, str]]) -> list[Decision]:
 
 
 POLICIES = {
-    "fifo": lambda: Scheduler("fifo", fair=False, las=False, preempt=False, pack=False),
-    "priority-fair": lambda: Scheduler("priority-fair", fair=True, las=False, preempt=True, pack=True),
-    "default": lambda: Scheduler("default", fair=True, las=True, preempt=True, pack=True),
+    "fifo": lambda: RulePolicy("fifo", fair=False, las=False, preempt=False, pack=False),
+    "priority-fair": lambda: RulePolicy("priority-fair", fair=True, las=False, preempt=True, pack=True),
+    "default": lambda: RulePolicy("default", fair=True, las=True, preempt=True, pack=True),
 }
 
 

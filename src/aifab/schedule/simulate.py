@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aifab.schedule.policy import (
+from aifab.schedule.policy import Policy
+from aifab.schedule.state import (
     ClusterState,
     JobId,
     JobView,
     Node,
-    Policy,
     Preempt,
     Resources,
     Running,

@@ -6,15 +6,18 @@ lists, as the control plane does every round; the simulator instead keeps one an
 not a rebuild. It indexes pending jobs by priority, least-attained-service queue and arrival, and keeps each
 node's free GPUs, CPUs and memory, and each project's held resources.
 
-`unplaceable` says why a request could never fit a pool, even an empty one: the control plane refuses such a
-job at submission.
+`Resources` carries its own arithmetic (`+`, `-`, `covers`, `fits_quota`, `part`). `split_gang` is the one way
+a gang (a job larger than any node) is split over nodes: the policy places with it, and `unplaceable` checks
+with it. `unplaceable` says why a request could never fit a pool, even an empty one: the control plane refuses
+such a job at submission.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 JobId = int | str
 
@@ -25,11 +28,41 @@ LAS_LIMITS_GPU_S = (3_600.0, 57_600.0)
 
 @dataclass(frozen=True, slots=True)
 class Resources:
-    """What a job asks for, or what a project may hold (a quota: a field left at 0 is not limited)."""
+    """What a job asks for, what a project holds, or what a project may hold (a quota: a field left at 0 is not
+    limited). `Resources.ZERO` is nothing at all."""
+
+    ZERO: ClassVar[Resources]
 
     gpus: int = 0
     cpus: float = 0.0
     memory_gb: float = 0.0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.gpus + other.gpus, self.cpus + other.cpus, self.memory_gb + other.memory_gb)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.gpus - other.gpus, self.cpus - other.cpus, self.memory_gb - other.memory_gb)
+
+    def covers(self, other: Resources) -> bool:
+        """Whether this asks for at least as much of everything as `other`."""
+        return self.gpus >= other.gpus and self.cpus >= other.cpus and self.memory_gb >= other.memory_gb
+
+    def fits_quota(self, held: Resources, quota: Resources | None) -> bool:
+        """Whether a project holding `held` may take this request too under `quota` (None: no quota)."""
+        if quota is None:
+            return True
+        return (
+            (quota.gpus <= 0 or held.gpus + self.gpus <= quota.gpus)
+            and (quota.cpus <= 0 or held.cpus + self.cpus <= quota.cpus + 1e-9)
+            and (quota.memory_gb <= 0 or held.memory_gb + self.memory_gb <= quota.memory_gb + 1e-9)
+        )
+
+    def part(self, gpus: int) -> Resources:
+        """The share of a gang request that comes with `gpus` of its GPUs: CPUs and memory in proportion."""
+        return Resources(gpus, self.cpus * gpus / self.gpus, self.memory_gb * gpus / self.gpus)
+
+
+Resources.ZERO = Resources()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +144,7 @@ def attained_now(run: Running, now_s: float) -> float:
     return run.job.attained_gpu_s + run.job.request.gpus * max(0.0, now_s - run.started_s)
 
 
-_Entry = tuple[tuple[float, int, str], JobView]  # (submission order key, job): sorts by arrival, ids break ties
+PendingEntry = tuple[tuple[float, int, str], JobView]  # (submission order key, job): sorts by arrival, ids break ties
 
 
 def _order_key(job: JobView) -> tuple[float, int, str]:
@@ -145,9 +178,9 @@ class ClusterState:
     total: Resources = field(init=False)
     free_gpus: int = field(init=False)
     usage: dict[str, Resources] = field(init=False)  # project -> what its running jobs hold
-    pending_fifo: list[_Entry] = field(init=False)  # every pending job, in submission order
+    pending_fifo: list[PendingEntry] = field(init=False)  # every pending job, in submission order
     # priority -> LAS queue -> project -> pending jobs in submission order
-    pending_classes: dict[int, dict[int, dict[str, list[_Entry]]]] = field(init=False)
+    pending_classes: dict[int, dict[int, dict[str, list[PendingEntry]]]] = field(init=False)
     pending_without_gpus: int = field(init=False)
     victims: dict[int, dict[JobId, Running]] = field(init=False)  # priority -> preemptible running, in start order
     stopping: int = field(init=False)  # running jobs with a Preempt being carried out
@@ -253,7 +286,7 @@ class ClusterState:
             self._move_bucket(share.node, before, len(node.gpu_ids))
             self.free_gpus -= len(share.gpu_ids)
         self.running[job.id] = run
-        self.usage[job.project] = _plus(self.usage.get(job.project, _NONE), job.request)
+        self.usage[job.project] = self.usage.get(job.project, Resources.ZERO) + job.request
         if job.preemptible and not run.stopping:
             self.victims.setdefault(job.priority, {})[job.id] = run
         if run.stopping:
@@ -272,7 +305,7 @@ class ClusterState:
             node.memory_gb += share.memory_gb
             self._move_bucket(share.node, before, len(node.gpu_ids))
             self.free_gpus += len(share.gpu_ids)
-        self.usage[job.project] = _minus(self.usage[job.project], job.request)
+        self.usage[job.project] = self.usage[job.project] - job.request
         by_priority = self.victims.get(job.priority)
         if by_priority is not None and by_priority.pop(job_id, None) is not None and not by_priority:
             del self.victims[job.priority]
@@ -286,35 +319,9 @@ class ClusterState:
             self.by_free_gpus[after][node] = None
 
 
-def _remove_entry(entries: list[_Entry], key: tuple[float, int, str]) -> None:
+def _remove_entry(entries: list[PendingEntry], key: tuple[float, int, str]) -> None:
     i = bisect_left(entries, (key,))  # a 1-tuple sorts just before the entry it is the key of
     del entries[i]
-
-
-_NONE = Resources()
-
-
-def _plus(a: Resources, b: Resources) -> Resources:
-    return Resources(a.gpus + b.gpus, a.cpus + b.cpus, a.memory_gb + b.memory_gb)
-
-
-def _minus(a: Resources, b: Resources) -> Resources:
-    return Resources(a.gpus - b.gpus, a.cpus - b.cpus, a.memory_gb - b.memory_gb)
-
-
-def _covers(request: Resources, other: Resources) -> bool:
-    """Whether `request` asks for at least as much of everything as `other`."""
-    return request.gpus >= other.gpus and request.cpus >= other.cpus and request.memory_gb >= other.memory_gb
-
-
-def _within_quota(held: Resources, request: Resources, quota: Resources | None) -> bool:
-    if quota is None:
-        return True
-    return (
-        (quota.gpus <= 0 or held.gpus + request.gpus <= quota.gpus)
-        and (quota.cpus <= 0 or held.cpus + request.cpus <= quota.cpus + 1e-9)
-        and (quota.memory_gb <= 0 or held.memory_gb + request.memory_gb <= quota.memory_gb + 1e-9)
-    )
 
 
 def unplaceable(request: Resources, nodes: Iterable[Node]) -> str | None:
@@ -339,17 +346,45 @@ def unplaceable(request: Resources, nodes: Iterable[Node]) -> str | None:
                 f"asks for {request.memory_gb:g} GB of memory on one node but the largest such node has {most_memory:g}"
             )
         return None
-    # A gang: the largest nodes first, each giving its CPUs and memory in proportion to the GPUs it gives.
-    left = request.gpus
-    for n in sorted(nodes, key=lambda n: len(n.gpu_ids), reverse=True):
-        give = min(left, len(n.gpu_ids))
-        if give == 0:
-            break
-        cpus, memory_gb = request.cpus * give / request.gpus, request.memory_gb * give / request.gpus
-        if cpus > n.cpus + 1e-9 or memory_gb > n.memory_gb + 1e-9:
+    # A gang: the largest nodes first.
+    by_size = sorted(nodes, key=lambda n: len(n.gpu_ids), reverse=True)
+    for share, fits in split_gang(request, ((n.name, n) for n in by_size)):
+        if not fits:
             return (
                 f"asks for {request.gpus} GPUs over whole nodes with {request.cpus:g} CPUs and {request.memory_gb:g} GB"
-                f", but node {n.name} cannot hold its part ({cpus:g} CPUs, {memory_gb:g} GB)"
+                f", but node {share.node} cannot hold its part ({share.cpus:g} CPUs, {share.memory_gb:g} GB)"
             )
-        left -= give
     return None
+
+
+class Capacity(Protocol):
+    """What a node offers: a whole `Node`, or the free part of one (`NodeFree`)."""
+
+    @property
+    def gpu_ids(self) -> Sequence[int]: ...
+    @property
+    def cpus(self) -> float: ...
+    @property
+    def memory_gb(self) -> float: ...
+
+
+def split_gang(request: Resources, nodes: Iterable[tuple[str, Capacity]]) -> Iterator[tuple[Share, bool]]:
+    """Splits a gang `request` over `nodes` (name, what it offers), in the order given, until every GPU is given.
+
+    Each node gives all its GPUs (the first ones of `gpu_ids`), or the ones still missing, with CPUs and memory in
+    proportion (`Resources.part`). Yields (share, fits) per node it looks at: a node short of the CPUs or memory
+    of its share yields fits=False and gives nothing, so the caller skips it or gives up. Nodes without GPUs are
+    passed over. The caller checks whether the fitting shares add up to the request: `nodes` may run out first.
+    """
+    left = request.gpus
+    for name, offer in nodes:
+        give = min(left, len(offer.gpu_ids))
+        if give == 0:
+            continue
+        part = request.part(give)
+        fits = part.cpus <= offer.cpus + 1e-9 and part.memory_gb <= offer.memory_gb + 1e-9
+        yield Share(name, tuple(offer.gpu_ids[:give]), part.cpus, part.memory_gb), fits
+        if fits:
+            left -= give
+            if left == 0:
+                return
