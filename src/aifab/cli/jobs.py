@@ -19,7 +19,7 @@ from aifab.cli.common import app, open_store, out
 from aifab.console import err
 from aifab.errors import AifabError
 from aifab.jobs.client import open_queue
-from aifab.jobs.records import JobSpec
+from aifab.jobs.records import JobDetailJson, JobJson, JobSpec
 
 
 @app.command("controller")
@@ -155,7 +155,7 @@ def status(
     out.print(table)
 
 
-def _status_text(job: dict[str, Any]) -> str:
+def _status_text(job: JobJson) -> str:
     text = str(job["status"])
     if job["status"] == "failed" and job.get("error"):
         text += f" ({job['error']})"
@@ -164,7 +164,7 @@ def _status_text(job: dict[str, Any]) -> str:
     return text
 
 
-def _show_job(job: dict[str, Any], as_json: bool) -> None:
+def _show_job(job: JobDetailJson, as_json: bool) -> None:
     if as_json:
         print(json.dumps(job))
         return

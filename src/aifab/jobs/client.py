@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from aifab.errors import AifabError, NotFound
 from aifab.jobs import records
-from aifab.jobs.records import TERMINAL, JobConflict, JobSpec, JobStatus
+from aifab.jobs.records import TERMINAL, JobConflict, JobDetailJson, JobJson, JobSpec, JobStatus
 from aifab.store import Store
 
 
@@ -76,11 +76,11 @@ class JobQueue(Protocol):
 
     where: str  # for messages: "controller URL" or "the store"
 
-    def submit(self, spec: JobSpec) -> dict[str, Any]: ...
-    def job(self, job_id: int) -> dict[str, Any]: ...
-    def jobs(self, statuses: tuple[str, ...] | None, limit: int) -> list[dict[str, Any]]: ...
+    def submit(self, spec: JobSpec) -> JobJson: ...
+    def job(self, job_id: int) -> JobDetailJson: ...
+    def jobs(self, statuses: tuple[str, ...] | None, limit: int) -> list[JobJson]: ...
     def logs(self, job_id: int, follow: bool) -> Iterator[bytes]: ...
-    def cancel(self, job_id: int) -> dict[str, Any]: ...
+    def cancel(self, job_id: int) -> JobJson: ...
     def close(self) -> None: ...
 
 
@@ -91,17 +91,17 @@ class RemoteQueue:
         self.client = client
         self.where = f"controller {client.url}"
 
-    def submit(self, spec: JobSpec) -> dict[str, Any]:
-        job: dict[str, Any] = self.client.call("POST", "/v1/jobs", json=spec.model_dump())
+    def submit(self, spec: JobSpec) -> JobJson:
+        job: JobJson = self.client.call("POST", "/v1/jobs", json=spec.model_dump())
         return job
 
-    def job(self, job_id: int) -> dict[str, Any]:
-        job: dict[str, Any] = self.client.call("GET", f"/v1/jobs/{job_id}")
+    def job(self, job_id: int) -> JobDetailJson:
+        job: JobDetailJson = self.client.call("GET", f"/v1/jobs/{job_id}")
         return job
 
-    def jobs(self, statuses: tuple[str, ...] | None, limit: int) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit, **({"status": ",".join(statuses)} if statuses else {})}
-        listed: list[dict[str, Any]] = self.client.call("GET", "/v1/jobs", params=params)["jobs"]
+    def jobs(self, statuses: tuple[str, ...] | None, limit: int) -> list[JobJson]:
+        params = {"limit": str(limit), **({"status": ",".join(statuses)} if statuses else {})}
+        listed: list[JobJson] = self.client.call("GET", "/v1/jobs", params=params)["jobs"]
         return listed
 
     def logs(self, job_id: int, follow: bool) -> Iterator[bytes]:
@@ -119,8 +119,8 @@ class RemoteQueue:
         except httpx.HTTPError as e:
             raise AifabError(f"cannot reach the controller at {self.client.url}: {e}") from None
 
-    def cancel(self, job_id: int) -> dict[str, Any]:
-        job: dict[str, Any] = self.client.call("POST", f"/v1/jobs/{job_id}/cancel")
+    def cancel(self, job_id: int) -> JobJson:
+        job: JobJson = self.client.call("POST", f"/v1/jobs/{job_id}/cancel")
         return job
 
     def close(self) -> None:
@@ -136,7 +136,7 @@ class StoreQueue:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def submit(self, spec: JobSpec) -> dict[str, Any]:
+    def submit(self, spec: JobSpec) -> JobJson:
         from aifab.jobs.executors import detect_nodes
         from aifab.schedule.state import unplaceable
 
@@ -145,10 +145,10 @@ class StoreQueue:
             raise AifabError(f"job {spec.label()!r} can never run on this machine: {why}")
         return records.get(self.store, records.submit(self.store, spec)).to_dict()
 
-    def job(self, job_id: int) -> dict[str, Any]:
+    def job(self, job_id: int) -> JobDetailJson:
         return records.describe(self.store, job_id)
 
-    def jobs(self, statuses: tuple[str, ...] | None, limit: int) -> list[dict[str, Any]]:
+    def jobs(self, statuses: tuple[str, ...] | None, limit: int) -> list[JobJson]:
         return [j.to_dict() for j in records.list_jobs(self.store, statuses, limit=limit)]
 
     def logs(self, job_id: int, follow: bool) -> Iterator[bytes]:
@@ -167,7 +167,7 @@ class StoreQueue:
                 return
             time.sleep(self.POLL_S)
 
-    def cancel(self, job_id: int) -> dict[str, Any]:
+    def cancel(self, job_id: int) -> JobJson:
         return records.cancel(self.store, job_id).to_dict()
 
     def close(self) -> None:

@@ -151,6 +151,53 @@ class JobSpec(BaseModel):
         return self.name or Path(self.command[0]).name
 
 
+class JobJson(TypedDict):
+    """A job as the HTTP API and `aifab status --json` show it: JobInfo's fields, datetimes as ISO 8601."""
+
+    id: int
+    name: str
+    project: str
+    priority: int
+    kind: str
+    status: str
+    command: list[str]
+    env: dict[str, str]
+    gpus: int
+    cpus: float
+    memory_gb: float
+    preemptible: bool
+    max_retries: int
+    backoff_s: float
+    attempts: int
+    preemptions: int
+    attained_gpu_s: float
+    executor: str | None
+    node: str | None
+    placement: PlacementRecord | None
+    handle: str | None
+    log_path: str | None
+    exit_code: int | None
+    error: str | None
+    result: dict[str, Any] | None
+    cancel_requested: bool
+    submitted_at: str
+    started_at: str | None
+    finished_at: str | None
+    not_before: str | None
+
+
+class EventJson(TypedDict):
+    at: str  # ISO 8601
+    event: str
+    detail: dict[str, Any]
+
+
+class JobDetailJson(JobJson):
+    """One job with its event trail, oldest first (`GET /v1/jobs/ID`, `aifab status JOB --json`)."""
+
+    events: list[EventJson]
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """A snapshot of one job row (see store.schema.Job for what each field means)."""
@@ -203,13 +250,13 @@ class JobInfo:
             for s in stored
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JobJson:
         """JSON-ready: datetimes as ISO 8601 strings."""
-        out: dict[str, Any] = {}
+        out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.isoformat() if isinstance(value, datetime) else value
-        return out
+        return cast(JobJson, out)
 
 
 def request_of(job: JobInfo | JobSpec) -> Resources:
@@ -303,7 +350,7 @@ class EventInfo:
     event: str  # an EventKind value (a plain string, so rows of an older version still read)
     detail: dict[str, Any]  # what the event is about: the attempt, an exit code, a reason...
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> EventJson:
         """JSON-ready, as the API shows it: {"at" (ISO 8601), "event", "detail"}."""
         return {"at": self.at.isoformat(), "event": self.event, "detail": self.detail}
 
@@ -319,7 +366,7 @@ def events(store: Store, job_id: int, event: EventKind | None = None) -> list[Ev
         return [EventInfo(r.at, r.event, dict(r.detail)) for r in rows]
 
 
-def describe(store: Store, job_id: int) -> dict[str, Any]:
+def describe(store: Store, job_id: int) -> JobDetailJson:
     """One job as the API shows it: `JobInfo.to_dict()` plus `events` (each `EventInfo.to_dict()`)."""
     return {**get(store, job_id).to_dict(), "events": [e.to_dict() for e in events(store, job_id)]}
 

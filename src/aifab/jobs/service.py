@@ -29,7 +29,7 @@ from aifab.errors import AifabError, NotFound
 from aifab.jobs import records
 from aifab.jobs.attempt import write_json_atomic
 from aifab.jobs.control import ControlPlane
-from aifab.jobs.records import JobConflict, JobSpec, JobStatus
+from aifab.jobs.records import JobConflict, JobDetailJson, JobJson, JobSpec, JobStatus
 from aifab.web import error, require_bearer
 
 CONTROLLER_FILE = "controller.json"
@@ -111,7 +111,7 @@ def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/jobs", status_code=201, response_model=None)
-    def submit(spec: JobSpec) -> dict[str, Any] | JSONResponse:
+    def submit(spec: JobSpec) -> JobJson | JSONResponse:
         try:
             job_id = cp.submit(spec)
         except AifabError as e:
@@ -123,12 +123,12 @@ def create_app(cp: ControlPlane, *, token: str | None = None) -> FastAPI:
         statuses = tuple(status.split(",")) if status else None
         return {"jobs": [j.to_dict() for j in records.list_jobs(store, statuses, project, max(1, min(limit, 10_000)))]}
 
-    @app.get("/v1/jobs/{job_id}")
-    def show(job_id: int) -> dict[str, Any]:
+    @app.get("/v1/jobs/{job_id}", response_model=None)  # typed for mypy; the body is built here, not validated
+    def show(job_id: int) -> JobDetailJson:
         return records.describe(store, job_id)
 
-    @app.post("/v1/jobs/{job_id}/cancel")
-    def cancel(job_id: int) -> dict[str, Any]:
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=None)
+    def cancel(job_id: int) -> JobJson:
         return records.cancel(store, job_id).to_dict()
 
     @app.get("/v1/jobs/{job_id}/logs", response_model=None)
