@@ -5,6 +5,7 @@ anything a query filters or sums on gets its own column.
 """
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -78,6 +79,15 @@ class DatasetVersion(Base):
     stages: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per-stage docs in/out, bytes removed, reasons
 
 
+class RunStatus(StrEnum):
+    """A run's `status`. Members are the strings stored in the column, so rows read back compare equal."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PREEMPTED = "preempted"  # stopped at a checkpoint to give its devices back; resumable
+
+
 class Run(Base):
     """One job: status, parameters, timings, and the checkpoint it produced."""
 
@@ -85,7 +95,7 @@ class Run(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # train | evaluate | ...
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running | completed | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)  # a RunStatus
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     dataset_version_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
