@@ -63,13 +63,13 @@ def train_command(
     register the result as NAME (alias latest)."""
     from aifab.nn.config import LoraConfig
     from aifab.registry.models import register, resolve
-    from aifab.train.engines import ENGINES, run_on_ray
+    from aifab.train.executors import EXECUTORS, run_on_ray
     from aifab.train.trainer import PREEMPTED, FineTune, train
     from aifab.train.trainer import resume as resume_run
 
     check_name(name, "model name")
-    if engine not in ENGINES:
-        raise AifabError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine not in EXECUTORS:
+        raise AifabError(f"unknown engine {engine!r}: choose one of {', '.join(EXECUTORS)}")
     if steps is not None and seconds is not None:
         raise AifabError("give one budget: --steps or --seconds, not both")
     if lora_rank is not None and base is None:
