@@ -146,3 +146,33 @@ def test_nothing_is_unpickled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     c = latest_complete(tmp_path)
     assert c is not None and c.step == 10
     assert b"pickle" not in (c.path / "state.json").read_bytes()
+
+
+def test_a_training_state_keeps_the_state_json_keys(tmp_path: Path) -> None:
+    """state.json is a file format: a checkpoint written before TrainState existed parses, and one written
+    now has the same keys."""
+    written_before = {
+        "elapsed_s": 12.5,
+        "last_val": [10, 4.25],
+        "loader": {"order": "random", "position": 10, "seed": 0, "split": "train"},
+        "model_config": {"n_layer": 2},
+        "rng": ckpt.rng_state(),
+        "run_id": "abc",
+        "schedule": {"min_lr_ratio": 0.1, "peak_lr": 0.003, "seconds": None, "steps": 23, "warmup_steps": 3},
+        "step": 10,
+        "tokens": 1280,
+        "train_loss": 4.5,
+        "train_s": 3.25,
+        "training": {"steps": 23},
+        "val_loss_initial": 5.75,
+        "weights_digest": "d" * 64,
+    }
+    model, opt = trained_pair()
+    path = save(tmp_path, 10, dict(model.state_dict()), opt.state_dict(), written_before)
+    state = ckpt.TrainState.from_json(load(path).state)
+    assert state.last_val == (10, 4.25) and state.loader.position == 10 and state.schedule.steps == 23
+    again = save(tmp_path, 11, dict(model.state_dict()), opt.state_dict(), state.to_json())
+    reread = json.loads((again / "state.json").read_text())
+    assert reread == {**written_before, "step": 11}
+    with pytest.raises(KeyError):
+        ckpt.TrainState.from_json({"tokens": 1})

@@ -10,7 +10,7 @@ from aifab.spec import DataSpec, ModelSpec, TrainingSpec
 from aifab.store import Store
 from aifab.store.lineage import upstream
 from aifab.store.schema import Run, RunMetric
-from aifab.train.schedule import lr_at
+from aifab.train.lr import lr_at
 from aifab.train.trainer import model_config_for, train
 from helpers import TINY_MODEL, TINY_TOKENIZER
 

@@ -27,7 +27,7 @@ def run_command(
 ) -> None:
     """Run the pipeline of FACTORY_YAML: its `stages:` DAG, or data -> train -> evaluate -> register."""
     from aifab.pipeline.dag import build_pipeline
-    from aifab.pipeline.runner import OnControl, dry_run, open_control, run_pipeline
+    from aifab.pipeline.runner import OnControl, StageStatus, dry_run, open_control, run_pipeline
 
     spec = load_spec(path)
     pipeline = build_pipeline(spec, path.parent)
@@ -41,7 +41,7 @@ def run_command(
     if as_json:
         print(json.dumps(report.to_dict(), default=str))
     if not report.ok:
-        failed = [s for s in report.stages if s.status == "failed"]
+        failed = [s for s in report.stages if s.status == StageStatus.FAILED]
         raise AifabError(f"pipeline {pipeline.name!r} failed at stage {failed[0].name!r}: {failed[0].error}")
 
 

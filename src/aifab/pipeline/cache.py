@@ -17,7 +17,7 @@ from sqlalchemy import select
 from aifab.errors import AifabError
 from aifab.pipeline.contracts import DataOutput, EvalOutput, RegisterOutput, StageError, TrainOutput
 from aifab.store import Store
-from aifab.store.schema import DatasetVersion, ModelVersion, Run, StageRun
+from aifab.store.schema import DatasetVersion, ModelVersion, Run, RunStatus, StageRun, StageRunStatus
 
 if TYPE_CHECKING:
     from aifab.pipeline.dag import Pipeline, Stage
@@ -78,7 +78,7 @@ def cached(store: Store, pipeline: str, stage: "Stage", key: str) -> StageRun | 
             s.scalars(
                 select(StageRun)
                 .where(StageRun.pipeline == pipeline, StageRun.stage == stage.name, StageRun.input_hash == key)
-                .where(StageRun.status == "done")
+                .where(StageRun.status == StageRunStatus.DONE)
                 .order_by(StageRun.id.desc())
             )
         )
@@ -104,7 +104,12 @@ def outputs_exist(store: Store, uses: str, outputs: dict[str, Any]) -> bool:
         if uses == "train":
             run = s.get(Run, outputs.get("run_id"))
             digest = str(outputs.get("checkpoint_digest") or "")
-            return run is not None and run.status == "completed" and bool(digest) and store.artifacts.exists(digest)
+            return (
+                run is not None
+                and run.status == RunStatus.COMPLETED
+                and bool(digest)
+                and store.artifacts.exists(digest)
+            )
         if uses == "register":
             return s.get(ModelVersion, outputs.get("model_version_id")) is not None
     return True  # evaluate and command stages leave nothing in the store but their outputs themselves

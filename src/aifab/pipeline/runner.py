@@ -24,7 +24,7 @@ from aifab.pipeline.contracts import StageInput, Task
 from aifab.pipeline.dag import Pipeline, Stage, check_fits, pool_nodes
 from aifab.spec import FactorySpec
 from aifab.store import Store
-from aifab.store.schema import StageRun, utcnow
+from aifab.store.schema import StageRun, StageRunStatus, utcnow
 
 if TYPE_CHECKING:
     from aifab.jobs.control import ControlSettings
@@ -266,7 +266,11 @@ def run_pipeline(
             handle, oc.job_id = launcher.start(store, pipeline, stage, task_of(pipeline, stage, outputs))
             with store.db.session() as s:
                 row = StageRun(
-                    pipeline=pipeline.name, stage=name, input_hash=oc.key, status="running", job_id=oc.job_id
+                    pipeline=pipeline.name,
+                    stage=name,
+                    input_hash=oc.key,
+                    status=StageRunStatus.RUNNING,
+                    job_id=oc.job_id,
                 )
                 s.add(row)
                 s.flush()
@@ -289,6 +293,6 @@ def _finish(store: Store, oc: StageOutcome, ended: Ended, outputs: dict[str, dic
     with store.db.session() as s:
         row = s.get(StageRun, oc.stage_run_id)
         assert row is not None
-        row.status = "done" if ended.succeeded else "failed"
+        row.status = StageRunStatus.DONE if ended.succeeded else StageRunStatus.FAILED
         row.outputs = oc.outputs if ended.succeeded else {"error": oc.error}
         row.finished_at = utcnow()

@@ -38,7 +38,7 @@ from aifab.pipeline.contracts import (
 )
 from aifab.spec import BudgetsSpec, ModelSpec, TrainingSpec
 from aifab.store import Store
-from aifab.store.schema import DatasetVersion, Run
+from aifab.store.schema import DatasetVersion, Run, RunStatus
 
 if TYPE_CHECKING:
     from aifab.meter.ledger import Charge, Meter
@@ -112,14 +112,11 @@ class TrainRequest:
     workers: int = 2  # with executor ray
 
 
-EXECUTORS = ("local", "ray")
-
-
 def train_stage(store: Store, meter: "Meter", req: TrainRequest) -> TrainOutput | None:
     """Train (or resume) one run and return its output; None on a torchrun rank other than 0, which leaves the
     reporting to rank 0. Inside a job, a run an earlier attempt started is resumed (see `run_to_resume`), and a
     preemption checkpoints and raises Preempted."""
-    from aifab.train.engines import run_on_ray
+    from aifab.train.executors import EXECUTORS, run_on_ray
     from aifab.train.trainer import PREEMPTED, resume, train
 
     if req.executor not in EXECUTORS:
@@ -167,7 +164,7 @@ def run_to_resume(store: Store) -> tuple[str, int] | None:
         return None
     with store.db.session() as s:
         run = s.get(Run, run_id)
-        if run is None or run.status == "completed":
+        if run is None or run.status == RunStatus.COMPLETED:
             return None
     ckpt = latest_complete(store.work_dir("runs", run_id, "checkpoints"))
     return (run_id, ckpt.step) if ckpt is not None else None

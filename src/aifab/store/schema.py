@@ -5,6 +5,7 @@ anything a query filters or sums on gets its own column.
 """
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -78,6 +79,15 @@ class DatasetVersion(Base):
     stages: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per-stage docs in/out, bytes removed, reasons
 
 
+class RunStatus(StrEnum):
+    """A run's `status`. Members are the strings stored in the column, so rows read back compare equal."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PREEMPTED = "preempted"  # stopped at a checkpoint to give its devices back; resumable
+
+
 class Run(Base):
     """One job: status, parameters, timings, and the checkpoint it produced."""
 
@@ -85,7 +95,7 @@ class Run(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # train | evaluate | ...
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running | completed | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)  # a RunStatus
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     dataset_version_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
@@ -235,6 +245,14 @@ class JobEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class StageRunStatus(StrEnum):
+    """A StageRun's `status`; the members are the stored strings."""
+
+    RUNNING = "running"
+    DONE = "done"  # outputs recorded: a later run with the same key may reuse them
+    FAILED = "failed"
+
+
 class StageRun(Base):
     """A pipeline stage executed for one hash of its inputs and parameters. A `done` row lets the next
     `aifab run` skip the stage and reuse `outputs`."""
@@ -245,7 +263,7 @@ class StageRun(Base):
     pipeline: Mapped[str] = mapped_column(String(128), index=True)
     stage: Mapped[str] = mapped_column(String(64))
     input_hash: Mapped[str] = mapped_column(String(64), index=True)
-    status: Mapped[str] = mapped_column(String(16))  # running | done | failed
+    status: Mapped[str] = mapped_column(String(16))  # a StageRunStatus
     outputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -4,7 +4,8 @@ Layout of `<dir>/step-000123/`:
 - `model.safetensors`      the weights (`nn.weights.state_for_save`), with the model config in the metadata;
 - `optimizer.safetensors`  every optimizer state tensor as `state.<param index>.<name>` (scalar step counts
                            included), with the param groups as JSON in the metadata; nothing is pickled;
-- `state.json`             step, tokens, timings, schedule inputs, loader position, RNG states, specs;
+- `state.json`             step, tokens, timings, lr schedule inputs, loader position, RNG states, specs:
+                           a `TrainState` (the JSON keys are the file format; older checkpoints load);
 - `COMPLETE`               written last: a directory without it is a torn write.
 
 Contract:
@@ -22,15 +23,18 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aifab.console import err
 from aifab.errors import TrainError
 from aifab.store.artifacts import fsync_path
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 KEEP_LAST = 3
 MARKER = "COMPLETE"
@@ -47,9 +51,75 @@ class CheckpointError(TrainError):
 class Checkpoint:
     path: Path
     step: int
-    model: dict[str, Any]  # name -> tensor, as state_for_save wrote it
+    model: dict[str, "Tensor"]  # as state_for_save wrote it
     optimizer: dict[str, Any]  # a torch optimizer state_dict, ready for `load_state_dict`
-    state: dict[str, Any]
+    state: dict[str, Any]  # state.json as written; a training run's parses with `TrainState.from_json`
+
+
+@dataclass(frozen=True)
+class LrScheduleInputs:
+    """What the lr at a step depends on, recorded so a reader can tell whether a resume kept the budget."""
+
+    peak_lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    steps: int | None
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class LoaderPosition:
+    """Where the train loader stands: batch `position` of the (`split`, `seed`, `order`) sequence is next."""
+
+    split: str
+    seed: int
+    order: str
+    position: int
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """A training run's `state.json` (besides `step`, which `save` adds): what a resume restores.
+
+    `to_json`/`from_json` keep the file's keys; `rng`, `training` and `model_config` stay the JSON forms of
+    `rng_state()`, a TrainingSpec and a ModelConfig, as they were written."""
+
+    run_id: str
+    tokens: int
+    train_s: float  # time inside optimizer steps
+    elapsed_s: float  # the budget clock: every session of the run, evaluations and checkpoints included
+    train_loss: float  # the last step's
+    val_loss_initial: float
+    last_val: tuple[int, float]  # (step, val loss) of the newest evaluation
+    schedule: LrScheduleInputs
+    loader: LoaderPosition
+    rng: dict[str, Any]
+    training: dict[str, Any]
+    model_config: dict[str, Any]
+    weights_digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "last_val": list(self.last_val)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainState":
+        """Raises KeyError, TypeError or ValueError on a state that is not a training run's."""
+        step, val = d["last_val"]
+        return cls(
+            run_id=str(d["run_id"]),
+            tokens=int(d["tokens"]),
+            train_s=float(d["train_s"]),
+            elapsed_s=float(d["elapsed_s"]),
+            train_loss=float(d["train_loss"]),
+            val_loss_initial=float(d["val_loss_initial"]),
+            last_val=(int(step), float(val)),
+            schedule=LrScheduleInputs(**d["schedule"]),
+            loader=LoaderPosition(**d["loader"]),
+            rng=dict(d["rng"]),
+            training=dict(d["training"]),
+            model_config=dict(d["model_config"]),
+            weights_digest=str(d["weights_digest"]),
+        )
 
 
 def dir_name(step: int) -> str:
@@ -95,11 +165,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---- optimizer state to and from flat tensors --------------------------------------------------------------
-def optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, "Tensor"], dict[str, str]]:
     """(tensors, metadata) for safetensors: `state.<i>.<name>` tensors; param groups as JSON metadata."""
     import torch
 
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, Tensor] = {}
     for idx, per_param in sd["state"].items():
         for name, value in per_param.items():
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
@@ -107,7 +177,7 @@ def optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str
     return tensors, {PARAM_GROUPS_KEY: json.dumps(sd["param_groups"])}
 
 
-def optimizer_from_flat(tensors: dict[str, Any], metadata: dict[str, str]) -> dict[str, Any]:
+def optimizer_from_flat(tensors: dict[str, "Tensor"], metadata: dict[str, str]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
         prefix, idx, name = key.split(".", 2)
@@ -125,7 +195,7 @@ def optimizer_from_flat(tensors: dict[str, Any], metadata: dict[str, str]) -> di
 def save(
     root: Path,
     step: int,
-    model_tensors: dict[str, Any],
+    model_tensors: dict[str, "Tensor"],
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     *,

@@ -14,7 +14,7 @@ FSDP on 8 GPUs resumes in one process, and back. Rank 0 writes; every rank reads
 
 The process group comes from whoever launched the processes: `torchrun` (RANK / WORLD_SIZE in the
 environment; `init()` creates the group and binds rank r of a node to its GPU r) or Ray Train (the group
-already exists in each worker; see `aifab.train.engines`).
+already exists in each worker; see `aifab.train.executors`).
 """
 
 import os

@@ -16,6 +16,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from aifab.errors import AifabError, TrainError
 from aifab.store import Store
 from aifab.train.trainer import TrainResult
 
-ENGINES = ("local", "ray")
+EXECUTORS = ("local", "ray")  # where `aifab train --engine` may run a run
 Job = Callable[[Store], TrainResult]  # picklable: a module-level function or a functools.partial of one
 # what the driver's store settings become in each worker's environment
 _STORE_ENV = ("AIFAB_DB",)
@@ -97,7 +98,7 @@ def _worker(config: dict[str, Any]) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         path = Path(config["result"])
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.__dict__))
+        tmp.write_text(json.dumps(asdict(result)))
         tmp.replace(path)
 
 
