@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -69,20 +69,9 @@ def data_stage(store: Store, meter: "Meter", p: DataParams, *, executor: str = "
         row = s.get(DatasetVersion, ds.dataset_version_id)
         assert row is not None
         manifest_digest, tokenizer_digest = row.manifest_digest, row.tokenizer_digest
+    counts = {f.name: getattr(ds, f.name) for f in fields(DataOutput) if hasattr(ds, f.name)}
     return DataOutput(
-        dataset_version_id=ds.dataset_version_id,
-        dataset=f"{ds.name}:{ds.version}",
-        manifest_digest=manifest_digest,
-        tokenizer_digest=tokenizer_digest,
-        files=ds.files,
-        bytes=ds.bytes,
-        documents=ds.documents,
-        skipped_files=ds.skipped_files,
-        tokens=ds.tokens,
-        train_tokens=ds.train_tokens,
-        val_tokens=ds.val_tokens,
-        vocab_size=ds.vocab_size,
-        elapsed_s=ds.elapsed_s,
+        **counts, dataset=f"{ds.name}:{ds.version}", manifest_digest=manifest_digest, tokenizer_digest=tokenizer_digest
     )
 
 
@@ -181,22 +170,9 @@ def train_output(store: Store, result: "TrainResult", resumed_from_step: int) ->
         manifest_digest = ds.manifest_digest if ds is not None else ""
     base_model = str(init["model"]) if isinstance(init, dict) and init.get("model") else None
     return TrainOutput(
-        run_id=result.run_id,
-        checkpoint_digest=result.checkpoint_digest,
-        tokenizer_digest=result.tokenizer_digest,
+        **asdict(result),  # every field of the result, and what the run's row adds
         manifest_digest=manifest_digest,
         dataset_version_id=dataset_version_id,
-        model_config=result.model_config,
-        params=result.params,
-        steps=result.steps,
-        tokens=result.tokens,
-        elapsed_s=result.elapsed_s,
-        tokens_per_s=result.tokens_per_s,
-        val_loss_initial=result.val_loss_initial,
-        val_loss_final=result.val_loss_final,
-        stopped_by=result.stopped_by,
-        mfu=result.mfu,
-        lora_digest=result.lora_digest,
         base_model=base_model,
         resumed_from_step=resumed_from_step,
     )
