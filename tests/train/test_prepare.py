@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
-from aifab.data.line import ingest
 from sqlalchemy import select
 
+from aifab.data.ingest import ingest
 from aifab.spec import DataSpec, TrainingSpec
 from aifab.store import Store
 from aifab.store.schema import Run, RunMetric, RunStatus
