@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from aifab.cli.common import app, data_sources, open_store, out
+from aifab.cli.tables import Column, Kind, Listing
 from aifab.console import err
 from aifab.errors import AifabError
 from aifab.spec import EXAMPLE_YAML, FactorySpec, load_spec
@@ -66,9 +66,7 @@ def demo(
 
 def print_report(r: dict[str, Any]) -> None:
     d, m, t, e, s = r["data"], r["model"], r["train"], r["evaluate"], r["serving"]
-    table = Table(title="aifab demo report", show_header=True, header_style="bold")
-    table.add_column("stage")
-    table.add_column("result")
+    table = Listing(Column("stage", Kind.ID), Column("result"), title="aifab demo report")
     table.add_row(
         "data",
         f"{d['files']:,} files, {d['bytes'] / 1e6:,.1f} MB, {d['tokens']:,} tokens "
