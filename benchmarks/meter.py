@@ -12,6 +12,9 @@ Training attributes energy per stage (two counter reads per run) plus the budget
 counter once per step; `--train` adds the same comparison for a short CPU training run with and without that
 per-step read.
 
+`--quick` is the CPU figure (a few minutes on 2 cores): the serving comparison at the default sizes plus the
+`--train` one, on the 8.6M-parameter shape `benchmarks/serve.py --quick` serves.
+
 `--gpu`: the same comparison on a CUDA device, with the TinyLlama 1.1B shape in bf16 (decode steps replayed
 from CUDA graphs, energy from NVML); it also reports `sampler_read_us`, the median time of one counter read.
 A step of a few ms that reads the counter twice is where a slow read would show.
@@ -134,8 +137,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train", action="store_true", help="also measure the per-step budget read in training")
-    ap.add_argument("--gpu", action="store_true", help="CUDA: TinyLlama 1.1B shape in bf16, NVML")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="CPU, minutes on 2 cores: serving and training (--train)")
+    mode.add_argument("--gpu", action="store_true", help="CUDA: TinyLlama 1.1B shape in bf16, NVML")
     args = ap.parse_args()
+    args.train = args.train or args.quick
     os.environ.setdefault("AIFAB_NO_PROGRESS", "1")
 
     import torch

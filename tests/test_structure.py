@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "meter": BASE | {"store"},
     "registry": BASE | {"store"},
     "schedule": BASE,  # pure: the simulator and the control plane drive the same objects
-    "plan": BASE | {"store", "meter", "spec"},
+    "plan": BASE | {"store", "meter", "spec", "registry"},  # reads the ledger, the catalog and a model
     "data": BASE | {"spec", "store", "console", "cluster", "tokens", "registry"},
     "train": BASE | {"spec", "store", "console", "cluster", "nn", "meter"},
     "serve": BASE | {"spec", "store", "cluster", "tokens", "nn", "meter", "registry", "web"},

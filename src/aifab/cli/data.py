@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 from sqlalchemy import select
 from typer.core import TyperGroup
 
 from aifab.cli.common import app, data_sources, open_store, out
+from aifab.cli.tables import Column, Kind, Listing, count, size, when
 from aifab.errors import AifabError, NotFound
 from aifab.spec import FactorySpec, load_spec
 from aifab.store import Store
@@ -80,7 +80,12 @@ def datasets(ctx: typer.Context) -> None:
         return
     name = ctx.meta.get("aifab.dataset_name")
     store = open_store()
-    table = Table("dataset", "parent", "files", "MB", "documents", "tokens", "train", "val", "created")
+    table = Listing(
+        Column("dataset", Kind.ID),
+        Column("parent", Kind.ID),
+        *(Column(h, Kind.NUMBER) for h in ("files", "size", "docs", "tokens", "train", "val")),
+        Column("created"),
+    )
     with store.db.session() as s:
         q = select(DatasetVersion).order_by(DatasetVersion.name, DatasetVersion.version)
         rows = list(s.scalars(q if name is None else q.where(DatasetVersion.name == name)))
@@ -91,13 +96,13 @@ def datasets(ctx: typer.Context) -> None:
         table.add_row(
             f"{d.name}:{d.version}",
             parents.get(d.parent_id or -1, "-"),
-            f"{d.files:,}",
-            f"{d.bytes / 1e6:,.1f}",
-            f"{d.documents:,}",
-            f"{d.tokens:,}",
-            f"{d.train_tokens:,}",
-            f"{d.val_tokens:,}",
-            f"{d.created_at:%Y-%m-%d %H:%M}",
+            count(d.files),
+            size(d.bytes),
+            count(d.documents),
+            count(d.tokens),
+            count(d.train_tokens),
+            count(d.val_tokens),
+            when(d.created_at),
         )
     out.print(table)
 
@@ -184,8 +189,12 @@ def resolve_dataset(store: Store, ref: str) -> DatasetVersion:
     return row
 
 
-def stage_table(stages: dict[str, Any]) -> Table:
-    table = Table("stage", "docs in", "docs out", "bytes removed", "reasons")
+def stage_table(stages: dict[str, Any]) -> Listing:
+    table = Listing(
+        Column("stage", Kind.ID),
+        *(Column(h, Kind.NUMBER) for h in ("docs in", "docs out", "bytes\nremoved")),
+        Column("reasons"),
+    )
     read = stages.get("read")
     if read:
         skipped = ", ".join(f"{r} {n:,}" for r, n in sorted(read["skipped"].items())) or "-"

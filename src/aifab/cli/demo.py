@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from aifab.cli.common import app, data_sources, open_store, out
+from aifab.cli.tables import Column, Kind, Listing
 from aifab.console import err
 from aifab.errors import AifabError
 from aifab.spec import FactorySpec, example_yaml, load_spec
@@ -69,9 +69,7 @@ def demo(
 
 def print_report(r: "LineReport") -> None:
     d, t, e, cfg = r.data, r.train, r.evaluate, r.train.model_config
-    table = Table(title="aifab demo report", show_header=True, header_style="bold")
-    table.add_column("stage")
-    table.add_column("result")
+    table = Listing(Column("stage", Kind.ID), Column("result"), title="aifab demo report")
     table.add_row(
         "data",
         f"{d.files:,} files, {d.bytes / 1e6:,.1f} MB, {d.tokens:,} tokens "

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from aifab.cli.common import app, open_store, out
+from aifab.cli.tables import Column, Kind, Listing
 from aifab.console import err
 from aifab.errors import AifabError
 from aifab.jobs.client import open_queue
@@ -140,13 +140,18 @@ def status(
     if as_json:
         print(json.dumps(listed))
         return
-    from rich import box
-
-    headers = ("job", "name", "status", "kind", "project", "prio", "gpus", "node", "submitted")  # fits 80 columns
-    table = Table(*headers, box=box.SIMPLE_HEAD, caption="times in UTC")
-    for col in table.columns:  # narrow terminals wrap names and errors, never ids, numbers or times
-        col.no_wrap = col.header not in ("name", "status", "project")
-        col.min_width = 8 if col.header in ("name", "status") else None
+    table = Listing(
+        Column("job", Kind.NUMBER),
+        Column("name"),
+        Column("status"),
+        Column("kind", Kind.ID),
+        Column("project"),
+        Column("prio", Kind.NUMBER),
+        Column("gpus", Kind.NUMBER),
+        Column("node", Kind.ID),
+        Column("submitted", Kind.ID),
+        caption="times in UTC",
+    )  # narrow terminals wrap names, statuses (with their errors) and projects, never ids, numbers or times
     for j in listed:
         table.add_row(
             str(j["id"]), j["name"], _status_text(j), j["kind"], j["project"], str(j["priority"]), str(j["gpus"]),

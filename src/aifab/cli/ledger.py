@@ -1,12 +1,12 @@
 """`aifab ledger [--by stage|dataset|run|model|deployment] [--json]`: where the energy, money and carbon went."""
 
 import json
-from typing import Any
 
 import typer
-from rich.table import Table
 
 from aifab.cli.common import app, open_store, out
+from aifab.cli.tables import Column, Kind, Listing, count, duration, energy, mass, money
+from aifab.meter.report import LedgerReport, Spend, Sums
 
 
 @app.command()
@@ -15,40 +15,43 @@ def ledger(
     as_json: bool = typer.Option(False, "--json", help="One JSON object on the last line."),
 ) -> None:
     """The ledger summed by stage, dataset, run, model (with its making, through lineage) or deployment."""
-    from aifab.meter.ledger import ledger_report
+    from aifab.meter.report import ledger_report
 
     report = ledger_report(open_store().db, by)
     if as_json:
-        print(json.dumps(report))
+        print(json.dumps(report.to_json()))
         return
-    model = by == "model"
-    columns = [by, "energy J", "cost $", "CO2 g", "tokens in", "tokens out", "device s", "source"]
-    if model:
-        columns[2:2] = ["making J", "serving J"]
-    table = Table(*columns)
-    for row in report["rows"]:
-        table.add_row(*_cells(row, model))
-    table.add_section()
-    table.add_row(*_cells({**report["total"], "key": "total"}, model))
-    out.print(table)
-    if model:
+    out.print(_listing(report))
+    if by == "model":
         out.print("making: data, train, evaluate via lineage (a base model's too); the total counts each row once")
 
 
-def _cells(row: dict[str, Any], model: bool) -> list[str]:
-    cells = [row["key"], f"{row['energy_j']:,.1f}"]
-    if model:
-        cells += [_j(row.get("making")), _j(row.get("serving"))]
+def _listing(report: LedgerReport) -> Listing:
+    model = report.by == "model"
+    money_columns = ["energy", *(["making", "serving"] if model else []), "cost", "CO2"]
+    table = Listing(
+        Column(report.by, Kind.ID),
+        *(Column(h, Kind.NUMBER) for h in [*money_columns, "tokens\nin", "tokens\nout", "device\ntime"]),
+        Column("source", Kind.ID),
+    )
+    for row in report.rows:
+        table.add_row(*_cells(row.key, row.sums, (row.making, row.serving) if model else None))
+    table.add_section()
+    table.add_row(*_cells("total", report.total, (None, None) if model else None))
+    return table
+
+
+def _cells(key: str, sums: Sums, split: tuple[Spend | None, Spend | None] | None) -> list[str]:
+    """A row's cells; `split` is (making, serving) under --by model, "-" where a row has none (the total)."""
+    parts = [] if split is None else ["-" if s is None else energy(s.energy_j) for s in split]
     return [
-        *cells,
-        f"{row['cost_usd']:.4g}",
-        f"{row['co2_g']:.4g}",
-        f"{row['tokens_in']:,}",
-        f"{row['tokens_out']:,}",
-        f"{row['device_s']:,.1f}",
-        "estimate" if row["estimated"] else "measured",
+        key,
+        energy(sums.energy_j),
+        *parts,
+        money(sums.cost_usd),
+        mass(sums.co2_g),
+        count(sums.tokens_in),
+        count(sums.tokens_out),
+        duration(sums.device_s),
+        "estimate" if sums.estimated else "measured",
     ]
-
-
-def _j(part: dict[str, Any] | None) -> str:
-    return "-" if part is None else f"{part['energy_j']:,.1f}"

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from aifab.cli.common import app, open_store, out
+from aifab.cli.tables import Column, Kind, Listing
 from aifab.errors import AifabError, SpecError
 from aifab.spec import load_spec
 
@@ -45,9 +45,10 @@ def run_command(
         raise AifabError(f"pipeline {pipeline.name!r} failed at stage {failed[0].name!r}: {failed[0].error}")
 
 
-def summary_table(report: dict[str, Any], dry_run: bool) -> Table:
+def summary_table(report: dict[str, Any], dry_run: bool) -> Listing:
     title = f"pipeline {report['pipeline']}" + (" (dry run)" if dry_run else "")
-    table = Table("stage", "status", "key", "job", "result", title=title)
+    table = Listing(*(Column(h, Kind.ID) for h in ("stage", "status", "key")), Column("job", Kind.NUMBER),
+                    Column("result"), title=title)  # fmt: skip
     for s in report["stages"]:
         key = (s["key"] or "?")[:12]
         job = str(s["job_id"]) if s["job_id"] is not None else "-"

@@ -14,12 +14,24 @@ tokens_out = energy_j (as an int), so every sum can be checked from the energies
 """
 
 import json
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from aifab.errors import AifabError
-from aifab.meter.ledger import GROUPINGS, ledger_report, model_footprint, model_footprints
+from aifab.meter.report import (
+    GROUPINGS,
+    LedgerReport,
+    LedgerRow,
+    Sums,
+    ledger_report,
+    model_footprint,
+    model_footprints,
+    serving_energy,
+)
 from aifab.store import Store
 from aifab.store.lineage import link
 from aifab.store.schema import LedgerEntry, ModelVersion, Run
@@ -88,23 +100,22 @@ def ledger_store(store: Store) -> Store:
     return store
 
 
-def _by_key(report: dict[str, object]) -> dict[str, dict[str, object]]:
-    rows = report["rows"]
-    assert isinstance(rows, list)
-    return {r["key"]: r for r in rows}
+def _by_key(report: LedgerReport) -> dict[str, LedgerRow]:
+    return {r.key: r for r in report.rows}
 
 
-def _check_sums(row: dict[str, object], energy_j: float, entries: int) -> None:
-    assert row["energy_j"] == pytest.approx(energy_j)
-    assert row["cost_usd"] == pytest.approx(energy_j / 1000)
-    assert row["co2_g"] == pytest.approx(energy_j / 10)
-    assert row["device_s"] == pytest.approx(energy_j / 100)
-    assert row["tokens_out"] == int(energy_j) and row["tokens_in"] == entries == row["entries"]
+def _check_sums(row: LedgerRow | Sums, energy_j: float, entries: int) -> None:
+    sums = row.sums if isinstance(row, LedgerRow) else row
+    assert sums.energy_j == pytest.approx(energy_j)
+    assert sums.cost_usd == pytest.approx(energy_j / 1000)
+    assert sums.co2_g == pytest.approx(energy_j / 10)
+    assert sums.device_s == pytest.approx(energy_j / 100)
+    assert sums.tokens_out == int(energy_j) and sums.tokens_in == entries == sums.entries
 
 
 def test_by_stage_sums_every_row_once(ledger_store: Store) -> None:
     report = ledger_report(ledger_store.db)  # stage is the default
-    assert report["by"] == "stage"
+    assert report.by == "stage"
     rows = _by_key(report)
     assert set(rows) == {"data", "train", "evaluate", "serve", "serve-idle"}
     _check_sums(rows["data"], 100 + 20 + 30, 3)
@@ -112,10 +123,10 @@ def test_by_stage_sums_every_row_once(ledger_store: Store) -> None:
     _check_sums(rows["evaluate"], 57, 2)
     _check_sums(rows["serve"], 10 + 3 + 3 + 4, 4)
     _check_sums(rows["serve-idle"], 5, 1)
-    assert rows["data"]["estimated"] is True and rows["train"]["estimated"] is False
-    assert [r["key"] for r in report["rows"]] == ["train", "data", "evaluate", "serve", "serve-idle"]  # most first
-    _check_sums(report["total"], TOTAL_J, len(ROWS))
-    assert report["total"]["estimated"] is True
+    assert rows["data"].sums.estimated is True and rows["train"].sums.estimated is False
+    assert [r.key for r in report.rows] == ["train", "data", "evaluate", "serve", "serve-idle"]  # most first
+    _check_sums(report.total, TOTAL_J, len(ROWS))
+    assert report.total.estimated is True
 
 
 def test_by_dataset_and_by_run_are_direct_charges(ledger_store: Store) -> None:
@@ -124,15 +135,15 @@ def test_by_dataset_and_by_run_are_direct_charges(ledger_store: Store) -> None:
     _check_sums(ds["base-data:1"], 100, 1)
     _check_sums(ds["ft-data:1"], 20, 1)
     _check_sums(ds["ft-data:2"], 30, 1)
-    assert ds["base-data:1"]["estimated"] is True and ds["ft-data:2"]["estimated"] is False
-    assert ds["ft-data:2"]["id"] == "3"
+    assert ds["base-data:1"].sums.estimated is True and ds["ft-data:2"].sums.estimated is False
+    assert ds["ft-data:2"].id == "3"
     runs = ledger_report(ledger_store.db, "run")
     got = _by_key(runs)
     assert set(got) == {"r-base", "r-ft", "r-other"}
     _check_sums(got["r-base"], 1050, 2)
     _check_sums(got["r-ft"], 207, 2)
     _check_sums(got["r-other"], 5000, 1)
-    _check_sums(runs["total"], 6257, 5)
+    _check_sums(runs.total, 6257, 5)
 
 
 def test_by_deployment_groups_serving_rows(ledger_store: Store) -> None:
@@ -142,7 +153,7 @@ def test_by_deployment_groups_serving_rows(ledger_store: Store) -> None:
     _check_sums(rows["dep-aaaa0001"], 15, 2)
     _check_sums(rows["dep-bbbb0002"], 6, 2)
     _check_sums(rows["-"], 4, 1)
-    _check_sums(report["total"], 25, 5)
+    _check_sums(report.total, 25, 5)
 
 
 def test_by_model_adds_the_making_through_lineage(ledger_store: Store) -> None:
@@ -151,28 +162,30 @@ def test_by_model_adds_the_making_through_lineage(ledger_store: Store) -> None:
     assert set(rows) == {"base:1", "ft:1", "other:1"}
     base, ft, other = rows["base:1"], rows["ft:1"], rows["other:1"]
     _check_sums(base, 100 + 1050 + 15, 5)
-    assert base["making"]["energy_j"] == pytest.approx(1150) and base["serving"]["energy_j"] == pytest.approx(15)
+    assert base.making is not None and base.serving is not None
+    assert base.making.energy_j == pytest.approx(1150) and base.serving.energy_j == pytest.approx(15)
     # the fine-tuned model: its own data (both versions), train and evaluate, plus its base's making, not the
     # base's serving, and not the model whose tokenizer its data borrowed
     _check_sums(ft, 1150 + 20 + 30 + 207 + 10, 3 + 2 + 2 + 3)  # base making, 2 data, 2 run, 3 serve rows
-    assert ft["making"]["energy_j"] == pytest.approx(1407) and ft["serving"]["energy_j"] == pytest.approx(10)
-    assert ft["making"]["cost_usd"] == pytest.approx(1.407) and ft["serving"]["co2_g"] == pytest.approx(1.0)
-    assert ft["estimated"] is True  # the base's data row was an estimate
-    assert ft["model_version_id"] == 2
+    assert ft.making is not None and ft.serving is not None and other.serving is not None
+    assert ft.making.energy_j == pytest.approx(1407) and ft.serving.energy_j == pytest.approx(10)
+    assert ft.making.cost_usd == pytest.approx(1.407) and ft.serving.co2_g == pytest.approx(1.0)
+    assert ft.sums.estimated is True  # the base's data row was an estimate
+    assert ft.model_version_id == 2
     _check_sums(other, 5000, 1)
-    assert other["estimated"] is False and other["serving"]["energy_j"] == 0
+    assert other.sums.estimated is False and other.serving.energy_j == 0
     # the total counts the base's rows once although two models show them
-    _check_sums(report["total"], TOTAL_J, len(ROWS))
+    _check_sums(report.total, TOTAL_J, len(ROWS))
 
 
 def test_model_footprint_of_a_fine_tuned_model_includes_its_base(ledger_store: Store) -> None:
     fp = model_footprint(ledger_store.db, 2)
-    assert fp["making"] == pytest.approx({"energy_j": 1407.0, "cost_usd": 1.407, "co2_g": 140.7})
-    assert fp["serving"] == pytest.approx({"energy_j": 10.0, "cost_usd": 0.010, "co2_g": 1.0})
-    assert fp["total"]["energy_j"] == pytest.approx(1417.0)
-    assert fp["estimated"] is True
+    assert asdict(fp.making) == pytest.approx({"energy_j": 1407.0, "cost_usd": 1.407, "co2_g": 140.7})
+    assert asdict(fp.serving) == pytest.approx({"energy_j": 10.0, "cost_usd": 0.010, "co2_g": 1.0})
+    assert fp.total.energy_j == pytest.approx(1417.0)
+    assert fp.estimated is True
     base = model_footprint(ledger_store.db, 1)
-    assert base["making"]["energy_j"] == pytest.approx(1150.0) and base["serving"]["energy_j"] == pytest.approx(15)
+    assert base.making.energy_j == pytest.approx(1150.0) and base.serving.energy_j == pytest.approx(15)
     assert model_footprints(ledger_store.db, [1, 2])[1] == base
 
 
@@ -191,14 +204,14 @@ def test_footprint_follows_a_models_run_without_edges(store: Store) -> None:
                     elapsed_s=0, device_s=0, energy_j=j, cost_usd=0, co2_g=0,
                 )
             )  # fmt: skip
-    assert model_footprint(store.db, 1)["making"]["energy_j"] == pytest.approx(42.0)
-    assert model_footprint(store.db, 99)["entries"] == 0  # an unknown model has no footprint, not an error
+    assert model_footprint(store.db, 1).making.energy_j == pytest.approx(42.0)
+    assert model_footprint(store.db, 99).entries == 0  # an unknown model has no footprint, not an error
 
 
 def test_empty_ledger_and_unknown_grouping(store: Store) -> None:
     for by in GROUPINGS:
         report = ledger_report(store.db, by)
-        assert report["rows"] == [] and report["total"]["energy_j"] == 0 and report["total"]["estimated"] is False
+        assert report.rows == [] and report.total.energy_j == 0 and report.total.estimated is False
     with pytest.raises(AifabError, match="choose one of stage, dataset, run, model, deployment"):
         ledger_report(store.db, "nonsense")
 
@@ -222,13 +235,13 @@ def test_cli_table_labels_estimates_and_models_shows_the_footprint(ledger_store:
     r = aifab("ledger", "--by", "dataset", home=ledger_store.home)
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if "base-data:1" in x)
-    assert "100.0" in line and "estimate" in line
+    assert "100 J" in line and "estimate" in line
     assert "measured" in next(x for x in r.stdout.splitlines() if "ft-data:2" in x)
     assert "total" in r.stdout
     r = aifab("models", home=ledger_store.home)
     assert r.returncode == 0, r.stderr
-    assert "1,407 / 10 (est.)" in next(x for x in r.stdout.splitlines() if "ft:1" in x)
-    assert "5,000 / 0" in next(x for x in r.stdout.splitlines() if "other:1" in x)
+    assert "1.41 kJ / 10.0 J (est.)" in next(x for x in r.stdout.splitlines() if "ft:1" in x)
+    assert "5.00 kJ / 0 J" in next(x for x in r.stdout.splitlines() if "other:1" in x)
 
 
 def test_cli_unknown_grouping_is_one_line(tmp_path: Path) -> None:
@@ -237,3 +250,34 @@ def test_cli_unknown_grouping_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [
         "error: unknown --by 'nonsense': choose one of stage, dataset, run, model, deployment"
     ]
+
+
+def test_json_rows_carry_what_their_grouping_adds(ledger_store: Store) -> None:
+    sums = {"energy_j", "cost_usd", "co2_g", "tokens_in", "tokens_out", "device_s", "estimated", "entries"}
+    for by, extra in (("stage", set()), ("deployment", set()), ("dataset", {"id"}), ("run", {"id"})):
+        body = ledger_report(ledger_store.db, by).to_json()
+        rows = body["rows"]
+        assert isinstance(rows, list) and rows
+        assert all(set(row) == {"key"} | extra | sums for row in rows), by
+    assert json.loads(json.dumps(body)) == body  # plain JSON types only
+
+
+def test_serving_energy_sums_request_rows_only(ledger_store: Store) -> None:
+    """ft:1 (id 2) has three `serve` rows, 3 + 3 + 4 J and tokens_out = the joules; base:1 also has idle rows."""
+    ft = serving_energy(ledger_store.db, 2)
+    assert (ft.energy_j, ft.tokens_out, ft.entries, ft.estimated) == (10.0, 10, 3, False)
+    assert ft.j_per_token == pytest.approx(1.0)
+    base = serving_energy(ledger_store.db, 1)
+    assert (base.energy_j, base.entries) == (10.0, 1)  # the 5 J serve-idle row is not a request's
+    none = serving_energy(ledger_store.db, 3)
+    assert (none.entries, none.tokens_out, none.j_per_token) == (0, 0, None)
+
+
+def test_report_imports_only_the_store() -> None:
+    """meter/ imports only store/ (and the errors every package shares)."""
+    code = (
+        "import sys, aifab.meter.report; print(' '.join(sorted(m for m in sys.modules if m.startswith('aifab.') "
+        "and not m.startswith(('aifab.meter', 'aifab.store', 'aifab.errors')))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

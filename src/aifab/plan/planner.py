@@ -1,4 +1,4 @@
-"""The factory planner: what a given facility power buys, burns and produces. Pure arithmetic, no I/O.
+"""The planner's arithmetic: what a given facility power buys, burns and produces. Pure, no I/O.
 
 With P the facility power in W, u the utilization, H = 8,760 hours a year:
 - IT power = P / PUE; GPUs = floor(IT power / server_power_w_per_gpu). The per-GPU server figure is the whole
@@ -31,7 +31,9 @@ HOURS_PER_YEAR = 8_760.0
 
 
 @dataclass(frozen=True)
-class Plan:
+class FactoryPlan:
+    """A planned factory: the inputs it was planned from, then what they come to (see the module docstring)."""
+
     gpu: str
     power_gw: float
     pue: float
@@ -51,7 +53,7 @@ class Plan:
     usd_per_mtok: float
 
 
-def plan(
+def plan_factory(
     power_gw: float,
     gpu: GpuSpec,
     pue: float,
@@ -62,7 +64,7 @@ def plan(
     amortization_years: float = HARDWARE_AMORTIZATION_YEARS,
     facility_capex_usd_per_w: float = FACILITY_CAPEX_USD_PER_W,
     facility_amortization_years: float = FACILITY_AMORTIZATION_YEARS,
-) -> Plan:
+) -> FactoryPlan:
     """Plan a factory of `power_gw` GW of facility power filled with `gpu` servers (see the module docstring).
 
     A ValueError names the first argument out of range."""
@@ -92,7 +94,7 @@ def plan(
     tokens = it_energy_j / j_per_token
     electricity = energy_kwh * electricity_usd_per_kwh
     amortized = hardware / amortization_years + facility / facility_amortization_years
-    return Plan(
+    return FactoryPlan(
         gpu=gpu.name,
         power_gw=power_gw,
         pue=pue,
