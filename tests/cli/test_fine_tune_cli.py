@@ -110,6 +110,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
     yield Imported(home=home, root=root, hf_dir=hf_dir, config=config, hf_model=hf_model)
 
 
+@pytest.mark.slow
 def test_fine_tune_full_and_lora_then_export(imported: Imported) -> None:
     from aifab.nn.weights import from_bytes
     from aifab.registry.models import resolve

@@ -13,7 +13,7 @@ from helpers import TINY_TOKENIZER, write_corpus
 
 ray = pytest.importorskip("ray")
 # Ray Data warns about its own deprecated context fields while it copies its context; nothing of ours is involved
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from aifab.store import Store
 from helpers import until
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 WORKER = {"aifab_worker": 1.0}
 FACTORY = """\

@@ -77,6 +77,7 @@ def rows(store: Store) -> dict[str, int]:
 # ---- caching ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_every_stage_and_a_change_reruns_only_what_it_reaches(
     store: Store, control: ControlPlane, factory: Path
 ) -> None:
@@ -285,6 +286,7 @@ def complete_steps(runs: Path) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_a_train_stage_killed_mid_run_is_retried_and_resumes_its_run_from_the_checkpoint(
     store: Store, control: ControlPlane, factory: Path
 ) -> None:

@@ -283,6 +283,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(lm: LoadedMode
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+@pytest.mark.slow
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-shape decode"])
 def test_compiled_decode_gives_the_same_greedy_tokens(lm: LoadedModel, graphs: bool) -> None:
     """`aifab serve --compile`: decode steps run through torch.compile (compiled at start, for one row and for

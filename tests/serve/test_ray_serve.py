@@ -20,7 +20,7 @@ from helpers import cli_env
 from serving import MODEL
 
 pytest.importorskip("ray.serve")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 START_S = 120  # Ray, its Serve controller and proxy, and two replicas that each load the model
 

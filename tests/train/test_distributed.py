@@ -46,6 +46,7 @@ def losses(home: Path, run_id: object) -> list[float]:
         store.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_follow_the_single_process_run(tmp_path: Path, parallel: str) -> None:
     home = tmp_path / "home"

@@ -17,6 +17,7 @@ from aifab.store.schema import ModelVersion, Run, RunMetric
 from helpers import aifab, write_corpus
 
 pytest.importorskip("ray.train.torch")
+pytestmark = pytest.mark.ray
 
 CONFIG = """
 data: {val_fraction: 0.2}

@@ -186,6 +186,7 @@ def run_history(home: Path, run_id: str) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_at_a_random_step_resumes_bit_identically(tmp_path: Path) -> None:
     home, cfg = tmp_path / "home", tmp_path / "factory.yaml"
     cfg.write_text(CONFIG)
