@@ -18,10 +18,14 @@ def serve(
     api_key: str | None = typer.Option(None, "--api-key", help="Require this bearer key (or set AIFAB_API_KEY)."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests before 429."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, max=1024, help="Sequences decoded together."),
-    engine_kind: str = typer.Option(
-        "local", "--engine", help="local (this process) or ray (Ray Serve replicas on RAY_ADDRESS, or a local Ray)."
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        "--engine",
+        help="local (this process) or ray (Ray Serve replicas on RAY_ADDRESS, or a local Ray); --engine is its old "
+        "name.",
     ),
-    replicas: int = typer.Option(1, "--replicas", min=1, help="With --engine ray: engine replicas (one GPU each)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --executor ray: engine replicas (one GPU each)."),
     compile_: bool = typer.Option(
         False, "--compile", help="torch.compile the decode step (a minute of compiling at start; faster steps)."
     ),
@@ -36,14 +40,14 @@ def serve(
     from aifab.serve.metering import ledger_meter, new_deployment_id
     from aifab.web import BackgroundServer, bind
 
-    if engine_kind not in ("local", "ray"):
-        raise ServeError(f"unknown engine {engine_kind!r}: choose one of local, ray")
-    if replicas > 1 and engine_kind != "ray":
-        raise ServeError("--replicas needs --engine ray (one process serves one engine)")
+    if executor not in ("local", "ray"):
+        raise ServeError(f"unknown executor {executor!r}: choose one of local, ray")
+    if replicas > 1 and executor != "ray":
+        raise ServeError("--replicas needs --executor ray (one process serves one engine)")
     key = api_key or os.environ.get("AIFAB_API_KEY") or None
     store = open_store()
     deployment = new_deployment_id()  # stamped on every ledger row this process (or Ray Serve app) writes
-    if engine_kind == "ray":
+    if executor == "ray":
         from aifab.registry.models import resolve
         from aifab.serve.ray_serve import serve_on_ray
 

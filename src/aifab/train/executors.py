@@ -24,7 +24,7 @@ from aifab.errors import AifabError, TrainError
 from aifab.store import Store
 from aifab.train.trainer import TrainResult
 
-EXECUTORS = ("local", "ray")  # where `aifab train --engine` may run a run
+EXECUTORS = ("local", "ray")  # where `aifab train --executor` may run a run
 Job = Callable[[Store], TrainResult]  # picklable: a module-level function or a functools.partial of one
 # what the driver's store settings become in each worker's environment
 _STORE_ENV = ("AIFAB_DB",)
@@ -82,7 +82,7 @@ def _connect() -> Any:
     try:
         import ray.train.torch  # a Ray without the train extra lacks it
     except ImportError:
-        raise TrainError("--engine ray needs Ray Train: pip install 'aifab[ray]'") from None
+        raise TrainError("--executor ray needs Ray Train: pip install 'aifab[ray]'") from None
     return ray
 
 
