@@ -198,21 +198,68 @@ def test_demo_report(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     console = Console(width=WIDTH, file=io.StringIO(), color_system=None)
     monkeypatch.setattr(demo, "out", console)
     home = tmp_path / "a-store-under-a-rather-long-directory-name" / "that-keeps-going" / "home"
-    report = {
-        "data": {"files": 12_345, "bytes": 1_234_567_890, "tokens": 987_654_321, "train_tokens": 888_888_888,
-                 "val_tokens": 98_765_433, "vocab_size": 32_000, "elapsed_s": 12.3},
-        "model": {"ref": "demo:12", "params": 124_439_808,
-                  "config": {"n_layer": 12, "d_model": 768, "context_len": 1024}},
-        "train": {"steps": 12_000, "tokens": 123_456_789, "elapsed_s": 1234.5, "tokens_per_s": 100_005.5,
-                  "stopped_by": "steps", "val_loss_initial": 10.4, "val_loss_final": 2.345, "val_loss_reduction": 0.77},
-        "evaluate": {"val_loss": 2.345, "perplexity": 10.4, "val_tokens": 98_765_433,
-                     "samples": [{"prompt": "def add(", "completion": "a, b):\n    return a + b"}]},
-        "serving": {"command": "aifab serve demo:12", "requests": [
-            {"prompt": "def", "completion_tokens": 32, "latency_s": 0.123, "tokens_per_s": 260.2,
-             "stream_matches": True}]},
-        "energy_j": 5_306_123.4, "energy_estimated": False, "energy_sampler": "rapl", "cost_usd": 0.0531,
-        "co2_g": 530.6, "elapsed_s": 1300.0, "home": str(home),
-    }  # fmt: skip
+    from aifab.pipeline.contracts import DataOutput, EvalOutput, RegisterOutput, TrainOutput
+    from aifab.pipeline.line import LineReport, ServedRequest
+
+    data = DataOutput(
+        dataset_version_id=12,
+        dataset="demo:12",
+        manifest_digest="m" * 64,
+        tokenizer_digest="t" * 64,
+        files=12_345,
+        bytes=1_234_567_890,
+        documents=12_000,
+        skipped_files=3,
+        tokens=987_654_321,
+        train_tokens=888_888_888,
+        val_tokens=98_765_433,
+        vocab_size=32_000,
+        elapsed_s=12.3,
+    )
+    train = TrainOutput(
+        run_id="0123456789ab",
+        checkpoint_digest="c" * 64,
+        tokenizer_digest="t" * 64,
+        manifest_digest="m" * 64,
+        dataset_version_id=12,
+        model_config={"n_layer": 12, "d_model": 768, "context_len": 1024},
+        params=124_439_808,
+        steps=12_000,
+        tokens=123_456_789,
+        elapsed_s=1234.5,
+        tokens_per_s=100_005.5,
+        val_loss_initial=10.4,
+        val_loss_final=2.345,
+        stopped_by="steps",
+        mfu=None,
+        lora_digest=None,
+        base_model=None,
+        resumed_from_step=0,
+    )
+    evaluate = EvalOutput(
+        run_id="0123456789ab",
+        checkpoint_digest="c" * 64,
+        val_loss=2.345,
+        perplexity=10.4,
+        val_tokens=98_765_433,
+        samples=[{"prompt": "def add(", "completion": "a, b):\n    return a + b"}],
+    )
+    report = LineReport(
+        data=data,
+        train=train,
+        evaluate=evaluate,
+        model=RegisterOutput(12, "demo:12", ["latest"]),
+        serve_command="aifab serve demo:12",
+        requests=[ServedRequest("def", "x", 0.123, 3, 32, 260.2, True)],
+        energy_j=5_306_123.4,
+        cost_usd=0.0531,
+        co2_g=530.6,
+        energy_estimated=False,
+        energy_sampler="rapl",
+        device="cpu",
+        elapsed_s=1300.0,
+        home=str(home),
+    )
     demo.print_report(report)
     file = console.file
     assert isinstance(file, io.StringIO)
