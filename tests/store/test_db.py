@@ -18,7 +18,7 @@ from helpers import dataset_row
 
 TABLES = {
     "dataset_versions", "runs", "run_metrics", "model_versions", "model_aliases", "lineage_edges", "ledger",
-    "jobs", "job_events", "stage_runs",
+    "jobs", "job_events", "stage_runs", "promotions", "alias_events", "eval_results",
 }  # fmt: skip
 
 

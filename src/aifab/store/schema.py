@@ -151,6 +151,73 @@ class ModelAlias(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
 
 
+class AliasReason(StrEnum):
+    """Why an alias moved (`AliasEvent.reason`); the members are the stored strings."""
+
+    SET = "set"  # `aifab models alias`, by hand
+    REGISTER = "register"  # pointed at a new version as it was registered
+    PROMOTE = "promote"  # every gate passed
+    FORCED = "forced"  # `aifab promote --force`: moved whatever the gates said
+    ROLLBACK = "rollback"  # `aifab models rollback`: back to the previous holder
+
+
+class AliasEvent(Base):
+    """One move of an alias, appended and never changed: the alias's history, which rollback reads.
+    `from_version_id` is None when the alias is new."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    alias: Mapped[str] = mapped_column(String(64))
+    from_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    to_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    reason: Mapped[str] = mapped_column(String(16))  # an AliasReason
+    promotion_id: Mapped[int | None] = mapped_column(ForeignKey("promotions.id"))  # the decision behind it
+
+
+class Promotion(Base):
+    """A decision on moving `name@alias` to a candidate version: each gate's measured value, threshold and
+    verdict in `gates` (a list of objects, see aifab.evaluate.gates), whether all passed, and whether the move
+    was forced past a failure. Written whether or not the alias moved."""
+
+    __tablename__ = "promotions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    alias: Mapped[str] = mapped_column(String(64))
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
+    champion_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    passed: Mapped[bool] = mapped_column(Boolean)  # every gate passed
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    moved: Mapped[bool] = mapped_column(Boolean)  # the alias now points at the candidate
+    gates: Mapped[list[Any]] = mapped_column(JSON, default=list)
+
+
+class EvalResult(Base):
+    """One metric of one evaluation task on one model version, from one evaluation run (`runs` row of kind
+    evaluate). `task_digest` is the sha256 of the task's definition (file bytes, or the built-in suite's
+    definition with its dataset version), so a changed task is a different result, never a stale one."""
+
+    __tablename__ = "eval_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
+    suite: Mapped[str | None] = mapped_column(String(64))  # the built-in suite it came from, if any
+    task: Mapped[str] = mapped_column(String(128))
+    metric: Mapped[str] = mapped_column(String(32))
+    value: Mapped[float] = mapped_column(Float)
+    stderr: Mapped[float | None] = mapped_column(Float)  # standard error of the mean over examples
+    examples: Mapped[int] = mapped_column(BigInteger)
+    task_digest: Mapped[str] = mapped_column(String(64))
+    energy_j: Mapped[float] = mapped_column(Float, default=0.0)  # the task's share of the run's energy
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # few-shot, limit, skipped examples...
+
+
 class LineageEdge(Base):
     """`src` was an input to `dst`: dataset -> run -> model, and whatever later stages add."""
 
