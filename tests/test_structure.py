@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "data": BASE | {"spec", "store", "console", "cluster", "tokens", "registry"},
     "train": BASE | {"spec", "store", "console", "cluster", "nn", "meter"},
     "serve": BASE | {"spec", "store", "cluster", "tokens", "nn", "meter", "registry", "web"},
-    "evaluate": BASE | {"store", "nn"},  # generation lives in nn/, so evaluate needs nothing of serve/
+    # generation lives in nn/, so evaluate needs nothing of serve/; it meters its own energy and reads gates' spec
+    "evaluate": BASE | {"store", "nn", "meter", "registry", "spec", "console", "yamlfile"},
     "jobs": BASE | {"store", "schedule", "cluster", "spec", "web"},  # never pipeline/: jobs know no stages
     "pipeline": BASE
     | {
