@@ -24,6 +24,10 @@ from pydantic import (
 )
 
 from aifab.errors import SpecError
+from aifab.gatespec import EvaluationsGate as EvaluationsGate
+from aifab.gatespec import GateCheck as GateCheck
+from aifab.gatespec import GatesSpec as GatesSpec
+from aifab.gatespec import LoadTestGate as LoadTestGate
 from aifab.store.names import NAME_RE
 
 GLOB_CHARS = frozenset("*?[")
@@ -178,15 +182,16 @@ class MeterSpec(_Section):
 
 # ---- orchestration: the pipeline's stages and the pool they share -------------------------------------------
 
-STAGE_USES = ("data", "train", "evaluate", "register", "command")
+STAGE_USES = ("data", "train", "evaluate", "register", "gate", "command")
 # what `with:` may set for each built-in stage: the spec sections it overrides (a key of the section, or the
 # section itself as a nested mapping), plus the stage's own keys
-_WITH_SECTIONS: dict[str, dict[str, type["_Section"]]] = {}  # filled below, once the section classes exist
+_WITH_SECTIONS: dict[str, dict[str, type[BaseModel]]] = {}  # filled below, once the section classes exist
 _WITH_OWN: dict[str, dict[str, Any]] = {
     "data": {"dataset": str},
     "train": {},
     "evaluate": {},
     "register": {"name": str, "aliases": list},
+    "gate": {"alias": str},  # the alias the stage promotes the registered model to
     "command": {},
 }
 
@@ -204,7 +209,7 @@ class StageSpec(_Section):
 
     model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
 
-    uses: str = Field(description="data | train | evaluate | register | command")
+    uses: str = Field(description="data | train | evaluate | register | gate | command")
     needs: list[str] = Field(default_factory=list, description="Stages that must finish first.")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Parameter overrides.")
     run: list[str] | None = Field(default=None, description="argv of a `uses: command` stage.")
@@ -274,7 +279,7 @@ class StageSpec(_Section):
         return self._overrides
 
 
-def _validate_part(section: type["_Section"], value: Any, where: str, info: ValidationInfo) -> dict[str, Any]:
+def _validate_part(section: type[BaseModel], value: Any, where: str, info: ValidationInfo) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected a mapping (got {value!r})")
     try:
@@ -350,6 +355,9 @@ class FactorySpec(_Section):
     budgets: BudgetsSpec = Field(default_factory=BudgetsSpec)
     meter: MeterSpec = Field(default_factory=MeterSpec)
     orchestration: OrchestrationSpec = Field(default_factory=OrchestrationSpec)
+    gates: GatesSpec | None = Field(
+        default=None, description="Promotion gates; when set, the line ends with a gate stage (see gatespec.py)."
+    )
     stages: dict[str, StageSpec] | None = Field(
         default=None, description="The pipeline's DAG; null runs the line: data -> train -> evaluate -> register."
     )
@@ -374,6 +382,7 @@ _WITH_SECTIONS.update(
         "train": {"training": TrainingSpec, "model": ModelSpec},
         "evaluate": {"evaluation": EvaluationSpec},
         "register": {},
+        "gate": {"gates": GatesSpec},
         "command": {},
     }
 )

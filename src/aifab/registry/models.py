@@ -5,10 +5,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from aifab.errors import NotFound
+from aifab.registry.aliases import move_alias
 from aifab.store import Store
 from aifab.store.lineage import link
 from aifab.store.names import ModelRef, check_name
-from aifab.store.schema import ModelAlias, ModelVersion
+from aifab.store.schema import AliasReason, ModelAlias, ModelVersion
 
 
 def register(
@@ -27,8 +28,8 @@ def register(
     generation: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Add the next version of `name`, link it to its run, dataset and (when fine-tuned) base model, and point
-    `aliases` at it. `generation` is how to generate with it (the dict `aifab.nn.hf.read_generation` returns;
-    `{}` when unknown), stored as `ModelVersion.generation`."""
+    `aliases` at it (each move recorded with reason register). `generation` is how to generate with it (the dict
+    `aifab.nn.hf.read_generation` returns; `{}` when unknown), stored as `ModelVersion.generation`."""
     check_name(name, "model name")
     for alias in aliases:
         check_name(alias, "alias")
@@ -56,25 +57,21 @@ def register(
         if base_model_id is not None:
             link(s, ("model", base_model_id), ("model", mv.id), "fine_tuned")
         for alias in aliases:
-            _point(s, name, alias, mv.id)
+            move_alias(s, name, alias, mv.id, AliasReason.REGISTER)
         return mv
 
 
-def set_alias(store: Store, ref: str, alias: str) -> ModelVersion:
-    """Point `name@alias` at the version `ref` resolves to."""
+def set_alias(
+    store: Store, ref: str, alias: str, reason: AliasReason = AliasReason.SET, promotion_id: int | None = None
+) -> ModelVersion:
+    """Point `name@alias` at the version `ref` resolves to, and record the move (an AliasEvent with `reason`,
+    linked to `promotion_id` when a promotion decided it) in the same transaction. Pointing an alias at the
+    version it already holds is not a move: nothing is recorded."""
     check_name(alias, "alias")
     mv = resolve(store, ref)
     with store.db.session() as s:
-        _point(s, mv.name, alias, mv.id)
+        move_alias(s, mv.name, alias, mv.id, reason, promotion_id)
     return mv
-
-
-def _point(s: Any, name: str, alias: str, model_version_id: int) -> None:
-    row = s.get(ModelAlias, (name, alias))
-    if row is None:
-        s.add(ModelAlias(name=name, alias=alias, model_version_id=model_version_id))
-    else:
-        row.model_version_id = model_version_id
 
 
 def resolve(store: Store, ref: str | ModelRef) -> ModelVersion:
