@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Self
 
 from aifab.errors import AifabError
-from aifab.spec import BudgetsSpec, DataSpec, EvaluationSpec, ModelSpec, TokenizerSpec, TrainingSpec
+from aifab.spec import BudgetsSpec, DataSpec, EvaluationSpec, GatesSpec, ModelSpec, TokenizerSpec, TrainingSpec
 
 
 class StageError(AifabError):
@@ -98,6 +98,19 @@ class RegisterOutput(_Json):
     aliases: list[str]
 
 
+@dataclass(frozen=True)
+class GateOutput(_Json):
+    """A gate stage promoted the registered model: the stored decision and every gate's verdict. (A refusal is
+    a failed stage, GateRefused, so nothing downstream runs on a model that did not pass.)"""
+
+    promotion_id: int | None  # None: the model already held the alias
+    model: str  # "name:version", the candidate
+    alias: str
+    champion: str | None  # "name:version" it was compared with; None: no champion
+    moved: bool
+    verdicts: list[dict[str, Any]]  # aifab.evaluate.gates.GateVerdict.to_json() each
+
+
 # ---- parameters (what a stage's key covers) ------------------------------------------------------------------
 
 
@@ -146,6 +159,16 @@ class RegisterParams:
     @classmethod
     def from_json(cls, p: dict[str, Any]) -> Self:
         return cls(str(p["name"]), tuple(p["aliases"]))
+
+
+@dataclass(frozen=True)
+class GateParams:
+    alias: str  # the alias to promote the upstream register stage's model to
+    gates: GatesSpec
+
+    @classmethod
+    def from_json(cls, p: dict[str, Any]) -> Self:
+        return cls(str(p["alias"]), GatesSpec.model_validate(p["gates"]))
 
 
 # ---- the task a stage's job runs -----------------------------------------------------------------------------

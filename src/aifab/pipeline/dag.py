@@ -2,9 +2,10 @@
 
 `build_pipeline(spec)` turns the spec into a `Pipeline` or raises `SpecError` naming the stage (a missing
 `needs`, a cycle, a stage with no upstream stage of the kind it reads). With no `stages:` section the pipeline
-is the line: data -> train -> evaluate -> register. `check_fits(pipeline, nodes)` refuses a stage whose
-resources no node of the pool can ever hold. Both run before anything is written; cache.py keys the stages
-and runner.py runs them.
+is the line: data -> train -> evaluate -> register, and when factory.yaml has `gates:`, -> gate: the model is
+registered without an alias and the gate stage promotes it to `latest` only if it passes.
+`check_fits(pipeline, nodes)` refuses a stage whose resources no node of the pool can ever hold. Both run before
+anything is written; cache.py keys the stages and runner.py runs them.
 """
 
 import json
@@ -16,7 +17,7 @@ from typing import Any
 
 from aifab.errors import SpecError
 from aifab.pipeline.cache import canonical
-from aifab.spec import FactorySpec, ResourcesSpec, StageSpec
+from aifab.spec import FactorySpec, GatesSpec, ResourcesSpec, StageSpec
 
 # The kinds of upstream stage each built-in stage reads, and how many it needs (min, max).
 READS: dict[str, dict[str, tuple[int, int]]] = {
@@ -24,8 +25,10 @@ READS: dict[str, dict[str, tuple[int, int]]] = {
     "train": {"data": (1, 1)},
     "evaluate": {"train": (1, 1)},
     "register": {"train": (1, 1), "evaluate": (0, 1)},
+    "gate": {"register": (1, 1)},
     "command": {},
 }
+LINE_ALIAS = "latest"  # the alias the line points at its new model: at once, or through the gate stage
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,17 @@ LINE = {
 }
 
 
+GATED_LINE = {
+    **LINE,
+    "register": StageSpec.model_validate({"uses": "register", "needs": ["evaluate"], "with": {"aliases": []}}),
+    "gate": StageSpec.model_validate({"uses": "gate", "needs": ["register"], "with": {"alias": LINE_ALIAS}}),
+}
+
+
 def build_pipeline(spec: FactorySpec, base: str | Path = ".") -> Pipeline:
     """Resolve and validate the DAG of `spec` (`base`: the factory.yaml's directory). Raises SpecError naming
     the stage at fault; nothing is written."""
-    specs = spec.stages if spec.stages is not None else LINE
+    specs = spec.stages if spec.stages is not None else GATED_LINE if spec.gates is not None else LINE
     for name, st in specs.items():
         for need in st.needs:
             if need not in specs:
@@ -133,10 +143,11 @@ def _resolve(spec: FactorySpec, name: str, st: StageSpec, done: dict[str, Stage]
     over = st.overrides
 
     def section(key: str) -> dict[str, Any]:
-        merged = _merge(getattr(spec, key).model_dump(mode="json"), over.get(key, {}))
+        current = (spec.gates or GatesSpec()) if key == "gates" else getattr(spec, key)
+        merged = _merge(current.model_dump(mode="json"), over.get(key, {}))
         if key == "data":  # the job runs in another process, maybe another directory
             merged["sources"] = [s if os.path.isabs(s) else str(base / s) for s in merged["sources"]]
-        resolved: dict[str, Any] = type(getattr(spec, key)).model_validate(merged).model_dump(mode="json")
+        resolved: dict[str, Any] = type(current).model_validate(merged).model_dump(mode="json")
         return resolved
 
     deps = list(st.deps)
@@ -157,10 +168,18 @@ def _resolve(spec: FactorySpec, name: str, st: StageSpec, done: dict[str, Stage]
             "seed": training["seed"],
         }
     elif st.uses == "register":
-        params = {"name": over.get("name", spec.name), "aliases": over.get("aliases", ["latest"])}
+        params = {"name": over.get("name", spec.name), "aliases": over.get("aliases", [LINE_ALIAS])}
+    elif st.uses == "gate":
+        gates = section("gates")
+        if not gates["checks"]:
+            raise SpecError(f"stage {name!r} (uses gate) has no checks: add `gates: {{checks: [...]}}` or `with:`")
+        params = {"alias": over.get("alias", LINE_ALIAS), "gates": gates}
+        deps += gates["evaluations"]["tasks"]  # an edited task file is a new decision
     else:
         params = {"run": list(st.run or []), "env": dict(st.env), "with": dict(over)}
     orch = spec.orchestration
+    # a refused gate is a decision, not a fault: retrying it would only decide (and record) the same again
+    retries = 0 if st.uses == "gate" else orch.retries
     return Stage(
         name=name,
         uses=st.uses,
@@ -169,7 +188,7 @@ def _resolve(spec: FactorySpec, name: str, st: StageSpec, done: dict[str, Stage]
         deps=tuple(deps),
         extensions=extensions,
         resources=st.resources,
-        retries=orch.retries if st.retries is None else st.retries,
+        retries=retries if st.retries is None else st.retries,
         backoff_s=orch.backoff_s if st.backoff_s is None else st.backoff_s,
         priority=st.priority,
         project=st.project or orch.project,
@@ -190,6 +209,13 @@ def _upstream_of(done: dict[str, Stage], needs: Iterable[str]) -> list[str]:
 
 def _check_reads(pipeline: Pipeline, name: str, st: Stage) -> None:
     up = pipeline.upstream(name)
+    if st.uses == "gate":  # the gate would find its alias already moved and decide nothing
+        for u in up:
+            if pipeline.stages[u].uses == "register" and st.params["alias"] in pipeline.stages[u].params["aliases"]:
+                raise SpecError(
+                    f"stage {name!r} promotes to @{st.params['alias']}, which register stage {u!r} already sets: "
+                    f"drop it from {u!r}'s `with: aliases`"
+                )
     for kind, (low, high) in READS[st.uses].items():
         found = [u for u in up if pipeline.stages[u].uses == kind]
         if not low <= len(found) <= high:

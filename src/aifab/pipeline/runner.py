@@ -134,7 +134,10 @@ class OnControl:
     def wait_any(self, handles: list[int]) -> Ended:
         info = self.control.wait_any(handles)
         ok = info.status == "succeeded"
-        error = None if ok else f"job {info.id} {info.status}" + (f": {info.error}" if info.error else "")
+        # a stage that failed with an AifabError left its one line in the job's result (stages.run_task)
+        why = (info.result or {}).get("error") if isinstance(info.result, dict) else None
+        why = why if isinstance(why, str) else info.error
+        error = None if ok else f"job {info.id} {info.status}" + (f": {why}" if why else "")
         return Ended(info.id, ok, dict(info.result or {}) if ok else {}, error)
 
 

@@ -1,4 +1,4 @@
-"""The body of each built-in stage, defined once: data, train, evaluate, register.
+"""The body of each built-in stage, defined once: data, train, evaluate, register, gate.
 
 Every caller runs these same functions: a pipeline stage's job (`aifab stage run --task JSON`, via
 `run_task`), the demo (the default pipeline run in this process), `aifab train` (train then register) and any
@@ -29,6 +29,8 @@ from aifab.pipeline.contracts import (
     DataParams,
     EvalOutput,
     EvaluateParams,
+    GateOutput,
+    GateParams,
     RegisterOutput,
     RegisterParams,
     StageError,
@@ -290,6 +292,19 @@ def register_stage(
     return RegisterOutput(model_version_id=mv.id, model=f"{mv.name}:{mv.version}", aliases=list(p.aliases))
 
 
+def gate_stage(store: Store, p: GateParams, registered: RegisterOutput) -> GateOutput:
+    """Promote the registered model to `p.alias` through `p.gates` (aifab.pipeline.promote). A refusal raises
+    GateRefused, whose one line names the failing gate, its value and its threshold; the decision is stored
+    either way."""
+    from aifab.pipeline.promote import GateRefused, promote
+
+    report = promote(store, registered.model, p.alias, p.gates, progress=False)
+    if report.promotion_id is not None and not report.moved:
+        raise GateRefused(report)
+    verdicts = [v.to_json() for v in report.verdicts]
+    return GateOutput(report.promotion_id, report.model, p.alias, report.champion, report.moved, verdicts)
+
+
 # ---- a task, as a pipeline stage's job runs it ---------------------------------------------------------------
 
 
@@ -300,7 +315,7 @@ def execute(store: Store, task: Task, meter: "Meter | None" = None) -> dict[str,
 
     meter = meter or Meter(store.db, Prices(**task.prices))
     p = task.params
-    out: DataOutput | TrainOutput | EvalOutput | RegisterOutput
+    out: DataOutput | TrainOutput | EvalOutput | RegisterOutput | GateOutput
     if task.uses == "data":
         out = data_stage(store, meter, DataParams.from_json(p))
     elif task.uses == "train":
@@ -316,6 +331,8 @@ def execute(store: Store, task: Task, meter: "Meter | None" = None) -> dict[str,
         out = register_stage(
             store, RegisterParams.from_json(p), TrainOutput.from_json(task.upstream("train")), evaluated
         )
+    elif task.uses == "gate":
+        out = gate_stage(store, GateParams.from_json(p), RegisterOutput.from_json(task.upstream("register")))
     else:
         raise StageError(f"stage {task.stage!r}: `uses: {task.uses}` has no built-in body")
     return out.to_json()
@@ -348,7 +365,12 @@ def run_task(store: Store, task: Task) -> dict[str, Any]:
     if task.uses == "command":
         exec_command(task)  # does not return
     t0 = time.perf_counter()
-    outputs = execute(store, task)
+    try:
+        outputs = execute(store, task)
+    except AifabError as e:
+        if attempt.current() is not None:  # the runner reports this line, not just the exit code
+            attempt.write_result({"error": str(e)})
+        raise
     if attempt.current() is not None:
         attempt.write_result(outputs)
     print(f"stage {task.stage!r} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
