@@ -3,7 +3,6 @@ max_tokens 0, token-id prompts and batches of them. The reference is a plain for
 
 import dataclasses
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ from aifab.serve.api.schemas import MAX_PROMPTS
 from aifab.serve.engine import Delta, Done, Engine, Event, Request
 from aifab.serve.loaded import LoadedModel
 from aifab.web import BackgroundServer
-from serving import MODEL, WAIT_S, assert_error, body, wait_until
+from serving import MODEL, WAIT_S, assert_error, body, slowed, wait_until
 
 PROMPT = "def function_(x):"
 
@@ -307,19 +306,7 @@ def test_a_batch_past_the_timeout_is_a_504_and_frees_the_engine(
     loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = Engine(loaded)
-    execute, finish = engine._execute, engine._finish
-    reasons: list[str] = []
-
-    def slow(step: Any) -> Any:  # 25 steps of 50 ms: far past the 0.2 s timeout
-        time.sleep(0.05)
-        return execute(step)
-
-    def record(seq: Any, reason: str, error: str | None = None) -> None:
-        reasons.append(reason)
-        finish(seq, reason, error)
-
-    monkeypatch.setattr(engine, "_execute", slow)
-    monkeypatch.setattr(engine, "_finish", record)
+    reasons = slowed(engine, monkeypatch)  # 50 ms a step: 25 steps run far past the 0.2 s timeout
     long = {"max_tokens": 25, "ignore_eos": True, "echo": True, "logprobs": 1}
     try:
         with BackgroundServer(create_app(engine, request_timeout_s=0.2)) as srv:
