@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aifab.nn.generate import ContextError, check_fits
+from aifab.serve.api.completions import complete_many, encode_prompts
 from aifab.serve.api.responses import (
     ChatFormat,
     CompletionFormat,
@@ -142,7 +143,12 @@ def create_app(
     async def completions(body: CompletionRequest) -> Response:
         if (bad := _check_model(body)) is not None:
             return bad
-        return await _generate(body, lm.encode(body.text()), "prompt", CompletionFormat(lm, engine.meter.estimated))
+        prompts = encode_prompts(body, lm)
+        if isinstance(prompts, JSONResponse):
+            return prompts
+        if len(prompts) > 1 or body.echo:  # a batch, or an echo: answered whole (see api.completions)
+            return await complete_many(engine, body, prompts, request_timeout_s)
+        return await _generate(body, prompts[0], "prompt", CompletionFormat(lm, engine.meter.estimated))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> Response:
