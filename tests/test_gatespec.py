@@ -82,7 +82,10 @@ def test_the_examples_commented_gates_block_parses_and_names_every_key() -> None
             "gates:\n  checks:\n    - {metric: heldout-bpb/bits_per_bytes, max: 1}\n",
             ":3: gates.checks.0.metric: unknown metric 'bits_per_bytes' (known: ",
         ),
-        ("gates:\n  checks:\n    - {metric: acc, min: 1}\n", ":3: gates.checks.0.metric: metric 'acc' must be TASK/METRIC"),
+        (
+            "gates:\n  checks:\n    - {metric: acc, min: 1}\n",
+            ":3: gates.checks.0.metric: metric 'acc' must be TASK/METRIC",
+        ),
         (
             "gates:\n  checks:\n    - {metric: a/acc, min: 1}\n    - {efficiency: watts, max: 1}\n",
             ":4: gates.checks.1.efficiency: Input should be 'j_per_token' or 'usd_per_mtok' (got 'watts')",
@@ -91,32 +94,45 @@ def test_the_examples_commented_gates_block_parses_and_names_every_key() -> None
             "gates:\n  checks:\n    - {latency: ttft_p95_s, max: fast}\n",
             ":3: gates.checks.0.max: Input should be a valid number, unable to parse string as a number (got 'fast')",
         ),
-        ("gates:\n  checks:\n    - {latency: ttft_p95_s, max: .nan}\n", ":3: gates.checks.0.max: Input should be a finite"),
+        (
+            "gates:\n  checks:\n    - {latency: ttft_p95_s, max: .nan}\n",
+            ":3: gates.checks.0.max: Input should be a finite",
+        ),
         (
             "gates:\n  checks:\n    - {metric: a/acc, max_regression_pct: -150}\n",
             ":3: gates.checks.0.max_regression_pct: Input should be greater than or equal to -100 (got -150)",
         ),
         (
             "gates:\n  checks:\n    - {metric: a/acc, efficiency: j_per_token, max: 1}\n",
-            ":3: gates.checks.0: a check names exactly one of metric, efficiency or latency (got metric and efficiency)",
+            ":3: gates.checks.0: a check names exactly one of metric, efficiency or latency "
+            "(got metric and efficiency)",
         ),
         ("gates:\n  checks:\n    - {max: 1}\n", ":3: gates.checks.0: a check names exactly one of"),
         (
             "gates:\n  checks:\n    - {metric: a/acc}\n",
             ":3: gates.checks.0: check 'a/acc' has no bound: give min, max, max_regression or max_regression_pct",
         ),
-        ("gates:\n  checks:\n    - {metric: a/acc, min: 2, max: 1}\n", ":3: gates.checks.0: check 'a/acc': min 2.0 is above"),
+        (
+            "gates:\n  checks:\n    - {metric: a/acc, min: 2, max: 1}\n",
+            ":3: gates.checks.0: check 'a/acc': min 2.0 is above",
+        ),
         ("gates:\n  checks:\n    - {metric: a/acc, mn: 1}\n", ":3: gates.checks.0.mn: unknown key"),
-        ("gates:\n  evaluations:\n    limit: 0\n", ":3: gates.evaluations.limit: Input should be greater than or equal"),
+        (
+            "gates:\n  evaluations:\n    limit: 0\n",
+            ":3: gates.evaluations.limit: Input should be greater than or equal",
+        ),
         ("gates:\n  evaluations:\n    suites: [../x]\n", ":3: gates.evaluations.suites: invalid suite name '../x'"),
         (
             "gates:\n  evaluations:\n    tasks: [missing.yaml]\n",
             ":3: gates.evaluations.tasks: task file 'missing.yaml' does not exist",
         ),
-        ("gates:\n  load_test:\n    requests: 0\n", ":3: gates.load_test.requests: Input should be greater than or equal"),
+        (
+            "gates:\n  load_test:\n    requests: 0\n",
+            ":3: gates.load_test.requests: Input should be greater than or equal",
+        ),
         ("gates:\n  load_test:\n    concurency: 4\n", ":3: gates.load_test.concurency: unknown key"),
     ],
-)  # fmt: skip
+)
 def test_bad_gates_get_one_line_naming_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
     msg = _error(tmp_path, text)
     assert msg.startswith(str(tmp_path / "factory.yaml") + expected), msg
@@ -156,9 +172,12 @@ def test_a_gate_stage_takes_its_alias_and_the_gates_keys_in_with(tmp_path: Path)
         ("{alias: ../prod}", "with.alias: invalid name '../prod'"),
         ("{alias: [prod]}", "with.alias: expected a str of names"),
         ("{checks: [{metric: a/acc}]}", "with.checks.0: check 'a/acc' has no bound"),
-        ("{steps: 3}", "with.steps: unknown key for `uses: gate` (known: champion, evaluations, load_test, checks, alias)"),
+        (
+            "{steps: 3}",
+            "with.steps: unknown key for `uses: gate` (known: champion, evaluations, load_test, checks, alias)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_gate_stages_bad_with_is_one_line_with_its_line(tmp_path: Path, with_: str, expected: str) -> None:
     text = f"stages:\n  gate:\n    uses: gate\n    with: {with_}\n"
     msg = _error(tmp_path, text)

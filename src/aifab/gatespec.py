@@ -70,7 +70,7 @@ class LoadTestGate(_Gates):
     requests: int = Field(default=32, ge=1, le=10_000)
     concurrency: int = Field(default=8, ge=1, le=1024)
     prompt_tokens: int = Field(default=64, ge=1, le=131_072)
-    max_tokens: int = Field(default=32, ge=1, le=4096)
+    max_tokens: int = Field(default=32, ge=2, le=4096, description="At least 2: a time per output token needs two.")
     seed: int = 0
 
 

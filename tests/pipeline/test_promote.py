@@ -2,12 +2,14 @@
 champion too), what it decides, and what it stores (a Promotion row every time, the move and its event only
 when every gate passes or the move is forced). The real evaluations and load test are in test_promote_e2e.py."""
 
+from dataclasses import replace
+
 import pytest
 from sqlalchemy import select
 
 from aifab.errors import AifabError, NotFound
 from aifab.evaluate.gates import LOADTEST_TASK
-from aifab.pipeline.promote import loadtest_digest, promote
+from aifab.pipeline.promote import default_prices, loadtest_digest, promote
 from aifab.registry.aliases import alias_history, promotion
 from aifab.registry.models import register, resolve
 from aifab.spec import GatesSpec, LoadTestGate
@@ -122,16 +124,20 @@ def test_load_test_figures_are_stored_as_results_and_not_measured_again(store: S
     report = promote(store, "m:2", "prod", LOAD_GATES, instruments=bench.tools())
     assert not report.moved and report.verdicts[0].reason == "gate j_per_token: 1.5 > 1.1 (champion 1 + 10%)"
     assert [ref for ref, _ in bench.load_tested] == ["m:1", "m:2"]  # the champion's figures were reused
-    assert bench.load_tested[0][1] == LOAD_GATES.load_test.model_dump()
+    assert bench.load_tested[0][1] == {**LOAD_GATES.load_test.model_dump(), "prices": default_prices()}
     with store.db.session() as s:
         rows = s.scalars(select(EvalResult).where(EvalResult.task == LOADTEST_TASK)).all()
     assert {r.metric for r in rows} == {"j_per_token", "usd_per_mtok", "ttft_p95_s", "tpot_p95_s"}
-    assert len(rows) == 8 and {r.task_digest for r in rows} == {loadtest_digest(LOAD_GATES.load_test)}
+    assert len(rows) == 8 and {r.task_digest for r in rows} == {loadtest_digest(LOAD_GATES.load_test, default_prices())}
     assert sum(r.energy_j for r in rows) == pytest.approx(10.0)  # each test's energy counted once
     # other settings are another measurement
     heavier = LOAD_GATES.model_copy(update={"load_test": LoadTestGate(requests=8)})
     promote(store, "m:2", "prod", heavier, instruments=bench.tools())
     assert len(bench.load_tested) == 4
+    # and other prices too: $/Mtok depends on them
+    dearer = replace(default_prices(), electricity_usd_per_kwh=1.0)
+    promote(store, "m:2", "prod", heavier, instruments=bench.tools(), prices=dearer)
+    assert len(bench.load_tested) == 6 and bench.load_tested[-1][1]["prices"] == dearer
 
 
 def test_no_load_test_without_an_efficiency_or_latency_check(store: Store) -> None:

@@ -28,7 +28,9 @@ def promote_command(
     spec = load_spec(config)
     if spec.gates is None:
         raise SpecError(f"{config}: no `gates:` section: nothing to promote through (`aifab models alias` moves it)")
-    report = promote(open_store(), model, alias, spec.gates, force=force)
+    from aifab.meter.ledger import Prices
+
+    report = promote(open_store(), model, alias, spec.gates, force=force, prices=Prices(**spec.meter.model_dump()))
     if report.verdicts:
         out.print(verdict_table([v.to_json() for v in report.verdicts], f"{report.model} for @{alias}"))
     out.print(report.note)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
@@ -36,6 +36,7 @@ from aifab.store.names import check_name
 from aifab.store.schema import EvalResult, ModelVersion
 
 if TYPE_CHECKING:
+    from aifab.meter.ledger import Prices
     from aifab.serve.loadtest import LoadTestResult
 
 
@@ -116,11 +117,13 @@ def promote(
     force: bool = False,
     instruments: Instruments | None = None,
     progress: bool = True,
+    prices: "Prices | None" = None,
 ) -> PromotionReport:
     """Decide whether `ref` takes `name@alias`, measuring what is missing, and record the decision; move the alias
     when every gate passes, or with `force` (recorded as forced). A candidate that already holds the alias is a
     no-op (nothing measured or stored). Refusal is not an exception here: see `report.moved` (the CLI and the gate
-    stage raise GateRefused). Raises NotFound for an unknown model and AliasConflict if the alias moves meanwhile."""
+    stage raise GateRefused). `prices` (default: factory.yaml's `meter:` defaults) price the load test's $/Mtok.
+    Raises NotFound for an unknown model and AliasConflict if the alias moves meanwhile."""
     check_name(alias, "alias")
     candidate = resolve(store, ref)
     name, cand_ref = candidate.name, _ref(candidate)
@@ -131,12 +134,14 @@ def promote(
         return PromotionReport(cand_ref, alias, cand_ref, champion_alias, [], True, False, False, None, note)
     champion = current if champion_alias == alias else holder(store, name, champion_alias)
     tools = instruments or Instruments.real()
+    prices = prices or default_prices()
     keys = needed(gates)
-    cand_values = measure(store, candidate, gates, keys, tools, progress=progress)
+    cand_values = measure(store, candidate, gates, keys, tools, progress=progress, prices=prices)
     champ_values = None
-    if champion is not None:
-        same = champion.id == candidate.id
-        champ_values = cand_values if same else measure(store, champion, gates, keys, tools, progress=progress)
+    if champion is not None and champion.id == candidate.id:
+        champ_values = cand_values
+    elif champion is not None:
+        champ_values = measure(store, champion, gates, keys, tools, progress=progress, prices=prices)
     champ_ref = _ref(champion) if champion is not None else None
     verdicts = decide(gates, cand_values, champ_values, champion_name=champ_ref or "champion")
     passed = all(v.passed for v in verdicts)
@@ -178,7 +183,14 @@ def _ref(mv: ModelVersion) -> str:
 
 
 def measure(
-    store: Store, mv: ModelVersion, gates: GatesSpec, keys: set[Key], tools: Instruments, *, progress: bool = True
+    store: Store,
+    mv: ModelVersion,
+    gates: GatesSpec,
+    keys: set[Key],
+    tools: Instruments,
+    *,
+    progress: bool = True,
+    prices: "Prices",
 ) -> dict[Key, float]:
     """The values of `keys` for `mv`, running the evaluations and the load test it lacks."""
     values: dict[Key, float] = {}
@@ -186,7 +198,7 @@ def measure(
     if metric_keys:
         values.update(_metrics(store, mv, gates.evaluations, metric_keys, tools, progress))
     if any(k[0] == LOADTEST_TASK for k in keys):
-        values.update(loadtest_values(store, mv, gates.load_test, tools))
+        values.update(loadtest_values(store, mv, gates.load_test, tools, prices))
     return {k: v for k, v in values.items() if k in keys}
 
 
@@ -231,20 +243,31 @@ def plan_evaluations(store: Store, ref: str, evals: EvaluationsGate, tasks: set[
     return EvalPlan(suites, files, digests)
 
 
-def loadtest_digest(settings: LoadTestGate) -> str:
-    """The `task_digest` of load-test results: its settings and this machine (figures are per machine)."""
-    body = json.dumps({"settings": settings.model_dump(), "machine": platform.node()}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()
+def default_prices() -> "Prices":
+    """factory.yaml's default `meter:` prices."""
+    from aifab.meter.ledger import Prices
+    from aifab.spec import MeterSpec
+
+    return Prices(**MeterSpec().model_dump())
 
 
-def loadtest_values(store: Store, mv: ModelVersion, settings: LoadTestGate, tools: Instruments) -> dict[Key, float]:
-    """The newest stored load-test figures of `mv` with these settings on this machine, or a fresh load test's,
-    stored as evaluation results."""
-    digest = loadtest_digest(settings)
+def loadtest_digest(settings: LoadTestGate, prices: "Prices") -> str:
+    """The `task_digest` of load-test results: its settings, the prices its $/Mtok used and this machine (the
+    figures are this machine's)."""
+    body = {"settings": settings.model_dump(), "prices": asdict(prices), "machine": platform.node()}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def loadtest_values(
+    store: Store, mv: ModelVersion, settings: LoadTestGate, tools: Instruments, prices: "Prices"
+) -> dict[Key, float]:
+    """The newest stored load-test figures of `mv` with these settings and prices on this machine, or a fresh
+    load test's, stored as evaluation results."""
+    digest = loadtest_digest(settings, prices)
     stored = _stored_loadtest(store, mv.id, digest)
     if set(LOADTEST_METRICS) <= stored.keys():
         return {(LOADTEST_TASK, m): stored[m] for m in LOADTEST_METRICS}
-    res = tools.load_test(store, _ref(mv), **settings.model_dump())
+    res = tools.load_test(store, _ref(mv), **settings.model_dump(), prices=prices)
     figures = {m: float(getattr(res, m)) for m in LOADTEST_METRICS}
     details = {k: getattr(res, k) for k in _LOADTEST_DETAILS if hasattr(res, k)}
     with store.db.session() as s:
@@ -262,6 +285,7 @@ def loadtest_values(store: Store, mv: ModelVersion, settings: LoadTestGate, tool
 
 _LOADTEST_DETAILS = (
     "requests", "concurrency", "tokens_in", "tokens_out", "elapsed_s", "energy_j", "cost_usd", "estimated", "sampler",
+    "ttft_p50_s", "tpot_p50_s", "idle_j",
 )  # fmt: skip
 
 

@@ -292,13 +292,13 @@ def register_stage(
     return RegisterOutput(model_version_id=mv.id, model=f"{mv.name}:{mv.version}", aliases=list(p.aliases))
 
 
-def gate_stage(store: Store, p: GateParams, registered: RegisterOutput) -> GateOutput:
-    """Promote the registered model to `p.alias` through `p.gates` (aifab.pipeline.promote). A refusal raises
-    GateRefused, whose one line names the failing gate, its value and its threshold; the decision is stored
-    either way."""
+def gate_stage(store: Store, meter: "Meter", p: GateParams, registered: RegisterOutput) -> GateOutput:
+    """Promote the registered model to `p.alias` through `p.gates` (aifab.pipeline.promote), its load test priced
+    like the meter's ledger. A refusal raises GateRefused, whose one line names the failing gate, its value and
+    its threshold; the decision is stored either way."""
     from aifab.pipeline.promote import GateRefused, promote
 
-    report = promote(store, registered.model, p.alias, p.gates, progress=False)
+    report = promote(store, registered.model, p.alias, p.gates, progress=False, prices=meter.prices)
     if report.promotion_id is not None and not report.moved:
         raise GateRefused(report)
     verdicts = [v.to_json() for v in report.verdicts]
@@ -332,7 +332,7 @@ def execute(store: Store, task: Task, meter: "Meter | None" = None) -> dict[str,
             store, RegisterParams.from_json(p), TrainOutput.from_json(task.upstream("train")), evaluated
         )
     elif task.uses == "gate":
-        out = gate_stage(store, GateParams.from_json(p), RegisterOutput.from_json(task.upstream("register")))
+        out = gate_stage(store, meter, GateParams.from_json(p), RegisterOutput.from_json(task.upstream("register")))
     else:
         raise StageError(f"stage {task.stage!r}: `uses: {task.uses}` has no built-in body")
     return out.to_json()
