@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from aifab.evaluate import sandbox
-from aifab.evaluate.sandbox import OUTPUT_TAIL_CHARS, isolation, run_tests
+from aifab.evaluate.sandbox import OUTPUT_TAIL_CHARS, Isolation, isolation, run_tests
 from aifab.evaluate.sandbox_child import Policy, Refused
 
 ADD = "def add(a, b):\n    return a + b\n"
@@ -91,6 +91,19 @@ def test_leaving_early_with_status_0_is_not_a_pass() -> None:
     assert result.status == "failed" and result.exit_code == 0
     exits = "def add(a, b):\n    import sys\n    sys.exit(0)\n"
     assert run_tests(exits, CHECK_ADD, entry_point="add").status == "failed"
+
+
+def test_a_program_larger_than_a_pipe_buffer_arrives_whole() -> None:
+    padding = "# " + "x" * 300_000 + "\n"
+    assert run_tests(padding + ADD, CHECK_ADD + padding, entry_point="add").passed
+
+
+def test_without_namespaces_the_sandbox_still_runs_and_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel allows no namespace (isolation() finds none), the other layers still hold."""
+    monkeypatch.setattr(sandbox, "_isolation", Isolation("none", ()))
+    assert run_tests(ADD, CHECK_ADD, entry_point="add").passed
+    assert run_tests("import os\nos.fork()\n", "").status == "killed"
+    assert run_tests("import socket\nsocket.socket()\n", "").status == "killed"
 
 
 def test_output_is_kept_as_a_bounded_tail() -> None:

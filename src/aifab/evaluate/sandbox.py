@@ -30,7 +30,7 @@ status 0 is `failed`, because the child confirms a pass with a per-run nonce the
 """
 
 import contextlib
-import json
+import marshal
 import math
 import os
 import secrets
@@ -208,7 +208,7 @@ def _run(
     payload: dict[str, object], wrapper: tuple[str, ...], workdir: str, timeout_s: float, out_fd: int, verdict_fd: int
 ) -> SandboxResult:
     nonce = secrets.token_hex(16)
-    data = json.dumps({**payload, "nonce": nonce, "verdict_fd": verdict_fd}).encode()
+    data = marshal.dumps({**payload, "nonce": nonce, "verdict_fd": verdict_fd})
     command = [*wrapper, sys.executable, "-I", "-S", "-B", "-u", str(CHILD_SCRIPT)]
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     start = time.monotonic()
@@ -225,15 +225,15 @@ def _run(
         )
     except OSError as e:
         return SandboxResult("error", 0.0, "", None, f"the sandbox could not start: {e}")
-    feeder = threading.Thread(target=_feed, args=(proc, data), daemon=True)
-    feeder.start()
+    feeder = _feed(proc, data)
     try:
         timed_out = not _exited(proc.pid, timeout_s)
     finally:
         # the child is not reaped yet, so its pid (= its session and group id) cannot have been reused
         _kill_session(proc.pid)
         rc = proc.wait()
-        feeder.join()
+        if feeder is not None:
+            feeder.join()
     elapsed_s = time.monotonic() - start
     passed = os.pread(verdict_fd, 64, 0) == nonce.encode()
     tail = _tail(out_fd)
@@ -243,15 +243,33 @@ def _run(
     return SandboxResult(status, elapsed_s, tail, rc, reason)
 
 
-def _feed(proc: "subprocess.Popen[bytes]", data: bytes) -> None:
-    """Write the payload to the child's stdin, from a thread: a child that never reads cannot block the caller
-    (the write fails once the child is killed)."""
+def _feed(proc: "subprocess.Popen[bytes]", data: bytes) -> threading.Thread | None:
+    """Write the payload to the child's stdin without ever blocking the caller: what the pipe takes at once (all
+    of it, usually), then the rest from a thread, whose write fails once the child is gone."""
     assert proc.stdin is not None
+    stdin = proc.stdin
+    fd = stdin.fileno()
+    os.set_blocking(fd, False)
     try:
-        proc.stdin.write(data)
-        proc.stdin.close()
-    except OSError:  # the child ended before reading it all
-        pass
+        sent = os.write(fd, data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:  # the child is already gone
+        sent = len(data)
+    if sent == len(data):
+        stdin.close()
+        return None
+
+    def rest() -> None:
+        os.set_blocking(fd, True)
+        with contextlib.suppress(OSError):  # the child ended before reading it all
+            stdin.write(data[sent:])
+        with contextlib.suppress(OSError):
+            stdin.close()
+
+    thread = threading.Thread(target=rest, daemon=True)
+    thread.start()
+    return thread
 
 
 def _exited(pid: int, timeout_s: float) -> bool:

@@ -4,11 +4,12 @@ It imports nothing of aifab (the child has no aifab on its path) and only the st
 near the bare interpreter's. `aifab.evaluate.sandbox` starts it and reads what it leaves; docs/security.md says
 what it enforces. Run as a script it:
 
-1. reads one JSON payload from stdin (a pipe, so nothing can read it twice) and points stdin at /dev/null;
+1. reads one marshalled payload (a dict of strings, ints and tuples) from stdin, a pipe, so that nothing can
+   read it twice, and points stdin at /dev/null;
 2. lowers its own resource limits (address space, CPU seconds, file size, open files, core dumps, processes);
    hard limits equal soft ones, so the program cannot raise them back;
 3. installs an audit hook (PEP 578) that ends the process, exit code `REFUSED`, on any refused operation: new
-   processes, signals to other processes, sockets, ctypes, threads, subinterpreters, writes outside its working
+   processes, signals to other processes, sockets, ctypes, subinterpreters, writes outside its working
    directory, reads outside the stdlib and that directory;
 4. runs the program, then the tests, then `check(<entry point>)` when one is named;
 5. writes the run's nonce to the verdict descriptor only when all of that returned, so a program that exits
@@ -18,12 +19,19 @@ Exit codes (the parent maps them to statuses): PASSED, FAILED (a test or the pro
 ERROR (the program or the tests did not compile or failed at module level), REFUSED, NO_MEMORY (MemoryError).
 """
 
-import json
+from __future__ import annotations
+
+import marshal
 import os
 import resource
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+
+# typing, collections.abc and json would cost this script more than the bare interpreter's start (json pulls in
+# re and enum): the annotations below are for mypy only, and the payload is marshalled.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 PASSED = 0
 FAILED = 1
@@ -33,7 +41,7 @@ NO_MEMORY = 4
 
 PROGRAM_NAME = "<program>"
 TESTS_NAME = "<tests>"
-SOURCES = (PROGRAM_NAME, TESTS_NAME)
+SOURCES: dict[str, str] = {}  # file name -> source of the code run, for tracebacks
 
 # Devices and files any ordinary program may read besides the stdlib and its own directory.
 READABLE_FILES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/etc/localtime")
@@ -162,14 +170,12 @@ class Policy:
 
 def strip_unaudited() -> None:
     """Remove the functions in UNAUDITED from their modules, and from the modules that re-export them."""
-    import importlib
-    import signal
-
     for module_name, names in UNAUDITED.items():
-        module = importlib.import_module(module_name)
-        for holder in (module, os if module_name == "posix" else signal):
+        module = __import__(module_name)  # both are built in: no file is read, and signal's enum is not imported
+        holders = [module, os if module_name == "posix" else sys.modules.get("signal")]
+        for holder in holders:
             for name in names:
-                if hasattr(holder, name):
+                if holder is not None and hasattr(holder, name):
                     delattr(holder, name)
 
 
@@ -192,8 +198,11 @@ def set_limits(memory_mb: int, cpu_s: int, file_bytes: int, open_files: int) -> 
 def describe(exc: BaseException) -> str:
     """The exception with a traceback of the program's and the tests' own frames only. Other frames' source
     is never read: this script's own lies outside what the hook lets it read."""
+    import linecache
     import traceback
 
+    for name, source in SOURCES.items():  # so that the frames show the program's and the tests' lines
+        linecache.cache[name] = (len(source), None, source.splitlines(keepends=True), name)
     frames = [(f, n) for f, n in traceback.walk_tb(exc.__traceback__) if f.f_code.co_filename in SOURCES]
     stack = traceback.StackSummary.extract(iter(frames), lookup_lines=False)
     head = ["Traceback (most recent call last):\n", *stack.format()] if stack else []
@@ -202,11 +211,7 @@ def describe(exc: BaseException) -> str:
 
 def run(program: str, tests: str, entry_point: str | None) -> int:
     """Run the program, then the tests, then check(entry point) when one is named; the exit code says how."""
-    import linecache
-
-    # so that tracebacks show the lines of the program and of the tests
-    for name, source in ((PROGRAM_NAME, program), (TESTS_NAME, tests)):
-        linecache.cache[name] = (len(source), None, source.splitlines(keepends=True), name)
+    SOURCES.update({PROGRAM_NAME: program, TESTS_NAME: tests})
     namespace: dict[str, Any] = {"__name__": "__sandbox__", "__builtins__": __builtins__}
     stage = ERROR  # what an exception means: the code failed to compile or define, or the tests failed
     try:
@@ -238,7 +243,7 @@ def run(program: str, tests: str, entry_point: str | None) -> int:
 
 
 def main() -> None:
-    payload = json.loads(sys.stdin.buffer.read())
+    payload = marshal.loads(sys.stdin.buffer.read())  # from the parent, which runs this same interpreter
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
