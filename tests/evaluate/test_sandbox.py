@@ -160,6 +160,20 @@ def test_other_ways_to_start_a_process_or_reach_out_are_refused(program: str) ->
     assert "sandbox: refused" in result.output_tail
 
 
+def test_native_code_the_program_writes_is_not_loaded() -> None:
+    """An extension module runs past the audit hook: one copied into the program's directory must not load."""
+    program = textwrap.dedent("""
+        import _bisect, os, shutil, sys
+        name = os.path.basename(_bisect.__file__)
+        shutil.copyfile(_bisect.__file__, os.path.join(os.getcwd(), name.replace("_bisect", "_mine")))
+        sys.path.insert(0, os.getcwd())
+        import _mine
+    """)
+    result = run_tests(program, "")
+    assert result.status == "killed"
+    assert "native code outside the stdlib" in result.output_tail
+
+
 def test_functions_the_audit_hook_cannot_see_are_gone() -> None:
     """os.mkfifo/mknod and pidfd signalling raise no audit event in CPython 3.11: the child removes them."""
     tests = textwrap.dedent("""
@@ -257,6 +271,7 @@ def test_without_the_hook_the_network_namespace_still_has_no_network(monkeypatch
         "open('mine', 'w').write('x')\nimport os\nos.rename('mine', STORE + '/evil')",
         "import os\nos.symlink(STORE, 'door')\nopen('door/evil', 'w').write('x')",
         "import sqlite3\nsqlite3.connect(STORE + '/evil').execute('create table t (x)')",
+        "import sqlite3\nsqlite3.connect('file:' + STORE + '/evil', uri=True).execute('create table t (x)')",
         "import shutil\nopen('mine', 'w').write('x')\nshutil.copy('mine', STORE + '/evil')",
         "import os\nos.chdir(STORE)\nopen('evil', 'w').write('x')",
         "import os\nos.remove(STORE + '/kept')",

@@ -124,6 +124,10 @@ class Policy:
         # a directory descriptor outside would let `dir_fd=` reach past these checks (open reports no dir_fd)
         return any(within(real, root) for root in self.read_roots) and not os.path.isdir(real)
 
+    def within_stdlib(self, path: object) -> bool:
+        real = self.resolve(path)
+        return real is not None and any(within(real, root) for root in self.read_roots)
+
     def may_list(self, path: object) -> bool:
         real = self.resolve(os.curdir if path is None else path)
         return real is None or within(real, self.workdir) or any(within(real, r) for r in self.read_roots)
@@ -136,6 +140,10 @@ class Policy:
             name = str(args[0])
             if name in self.refused_imports or name.split(".")[0] in self.refused_imports:
                 raise Refused(f"import {name}")
+            # an extension module is announced with its file: native code runs past this hook, so only the
+            # stdlib's may load (not one the program wrote into its directory)
+            if len(args) > 1 and args[1] is not None and not self.within_stdlib(args[1]):
+                raise Refused(f"import {name} from {args[1]!r} (native code outside the stdlib)")
         elif event == "open":
             path, mode, flags = args
             writing = bool(isinstance(flags, int) and flags & WRITE_FLAGS) or (
@@ -144,8 +152,9 @@ class Policy:
             if not (self.may_write(path) if writing else self.may_read(path)):
                 raise Refused(f"open({path!r}) for {'writing' if writing else 'reading'}")
         elif event == "sqlite3.connect":
-            # sqlite opens its database in C, past the open event
-            if args[0] not in (":memory:", b":memory:", "") and not self.may_write(args[0]):
+            # sqlite opens its database in C, past the open event; a "file:" URI names its path its own way
+            database = os.fsdecode(args[0])
+            if database not in (":memory:", "") and (database.startswith("file:") or not self.may_write(database)):
                 raise Refused(f"sqlite3.connect({args[0]!r})")
         elif event in WRITE_EVENTS:
             paths, dir_fds = WRITE_EVENTS[event]
