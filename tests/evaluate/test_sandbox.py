@@ -4,7 +4,10 @@ goes on. Each run starts an interpreter (tens of ms); the timeouts here are shor
 
 import os
 import socket
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ CHECK_ADD = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert 
 
 
 def live_in_session(sid: int) -> list[int]:
-    """Processes (not zombies) in session `sid`, read from /proc."""
+    """Processes (not zombies) in session `sid` (any session: -1), read from /proc."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -27,9 +30,17 @@ def live_in_session(sid: int) -> list[int]:
             except OSError:
                 continue
             fields = stat[stat.rfind(b")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != b"Z":
+            if sid in (-1, int(fields[3])) and fields[0] != b"Z":
                 found.append(int(entry))
     return found
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
 
 
 def first_line(output: str) -> str:
@@ -100,7 +111,7 @@ def test_a_program_larger_than_a_pipe_buffer_arrives_whole() -> None:
 
 def test_without_namespaces_the_sandbox_still_runs_and_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernel allows no namespace (isolation() finds none), the other layers still hold."""
-    monkeypatch.setattr(sandbox, "_isolation", Isolation("none", ()))
+    monkeypatch.setattr(sandbox, "_isolation", Isolation("none", False, ()))
     assert run_tests(ADD, CHECK_ADD, entry_point="add").passed
     assert run_tests("import os\nos.fork()\n", "").status == "killed"
     assert run_tests("import socket\nsocket.socket()\n", "").status == "killed"
@@ -128,6 +139,29 @@ def test_an_infinite_loop_times_out_and_the_caller_goes_on() -> None:
 def test_a_sleeping_program_times_out() -> None:
     result = run_tests("import time\ntime.sleep(60)\n", "", timeout_s=0.5)
     assert result.status == "timeout"
+
+
+def test_the_program_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A crashed (SIGKILLed) evaluator leaves no sleeping program behind, where setpriv can arrange that."""
+    if not isolation().parent_death:
+        pytest.skip("no setpriv --pdeathsig here")
+    script = "from aifab.evaluate.sandbox import run_tests\n"
+    script += "run_tests('import time\\ntime.sleep(120)\\n', '', timeout_s=120)\n"
+    evaluator = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        children: list[int] = []
+        while not children and time.monotonic() < deadline:
+            children = [pid for pid in live_in_session(-1) if parent_of(pid) == evaluator.pid]
+            time.sleep(0.05)
+        assert children, "the sandboxed program never started"
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    deadline = time.monotonic() + 10
+    while live_in_session(children[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_in_session(children[0]) == []
 
 
 def test_a_fork_bomb_is_refused_and_leaves_no_process() -> None:

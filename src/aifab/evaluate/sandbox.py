@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -125,9 +126,14 @@ class SandboxResult:
 
 @dataclass(frozen=True)
 class Isolation:
-    """The namespaces this machine lets the sandbox use. `wrapper` is the command the child runs under."""
+    """What this machine lets the sandbox use besides its own limits and audit hook.
+
+    `network`: the namespaces the child runs in. `parent_death`: the child is SIGKILLed if the process that
+    started it dies (util-linux `setpriv --pdeathsig`), so a crashed evaluator leaves no sleeping program.
+    `wrapper` is the command the child's interpreter runs under."""
 
     network: Literal["user+net namespace", "net namespace", "none"]
+    parent_death: bool
     wrapper: tuple[str, ...]
 
 
@@ -135,26 +141,33 @@ _probe_lock = threading.Lock()
 _isolation: Isolation | None = None
 
 
+def _works(wrapper: Sequence[str]) -> bool:
+    probe = [*wrapper, sys.executable, "-I", "-S", "-c", "pass"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def isolation() -> Isolation:
-    """Which namespaces work here, probed once per process with util-linux `unshare`: a user and network
-    namespace (unprivileged user namespaces, or root), else a network namespace alone (root), else none."""
+    """What works here, probed once per process: a user and network namespace (unprivileged user namespaces,
+    or root), else a network namespace alone (root), else none; and a parent-death signal."""
     global _isolation
     with _probe_lock:
         if _isolation is None:
-            _isolation = Isolation("none", ())
+            setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+            death = (setpriv, "--pdeathsig", "KILL", "--")
+            parent_death = os.path.exists(setpriv) and _works(death)
+            tail = death if parent_death else ()
             unshare = shutil.which("unshare") or "/usr/bin/unshare"
-            candidates: list[tuple[Literal["user+net namespace", "net namespace"], tuple[str, ...]]] = [
+            namespaces: list[tuple[Literal["user+net namespace", "net namespace"], tuple[str, ...]]] = [
                 ("user+net namespace", (unshare, "--user", "--map-root-user", "--net", "--")),
                 ("net namespace", (unshare, "--net", "--")),
             ]
-            for network, wrapper in candidates if os.path.exists(unshare) else []:
-                probe = [*wrapper, sys.executable, "-I", "-S", "-c", "pass"]
-                try:
-                    ok = subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
-                except (OSError, subprocess.TimeoutExpired):
-                    ok = False
-                if ok:
-                    _isolation = Isolation(network, wrapper)
+            _isolation = Isolation("none", parent_death, tail)
+            for network, wrapper in namespaces if os.path.exists(unshare) else []:
+                if _works((*wrapper, *tail)):
+                    _isolation = Isolation(network, parent_death, (*wrapper, *tail))
                     break
         return _isolation
 
