@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -265,34 +266,36 @@ def test_memory_limit_is_the_one_asked_for() -> None:
     assert run_tests(program, "", memory_mb=512).passed
 
 
-def test_a_socket_to_the_caller_is_refused() -> None:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        listener.settimeout(0.2)
-        port = listener.getsockname()[1]
-        program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
-        result = run_tests(program, "")
-        assert result.status == "killed" and "refused socket" in result.output_tail
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A socket listening on 127.0.0.1 in this process; the test checks that no connection reached it."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.2)
+        yield server
         with pytest.raises(TimeoutError):
-            listener.accept()
+            server.accept()
 
 
-def test_without_the_hook_the_network_namespace_still_has_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_socket_to_the_caller_is_refused(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
+    result = run_tests(program, "")
+    assert result.status == "killed" and "refused socket" in result.output_tail
+
+
+def test_without_the_hook_the_network_namespace_still_has_no_network(
+    monkeypatch: pytest.MonkeyPatch, listener: socket.socket
+) -> None:
     if isolation().network == "none":
         pytest.skip("this kernel lets the sandbox make no network namespace")
     monkeypatch.setattr(sandbox, "REFUSED_EVENTS", tuple(e for e in sandbox.REFUSED_EVENTS if e != "socket."))
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        listener.settimeout(0.2)
-        port = listener.getsockname()[1]
-        program = f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-        program += "except OSError:\n    unreachable = True\nelse:\n    unreachable = False\n"
-        result = run_tests(program, "assert unreachable\n")
-        assert result.passed, result.output_tail
-        with pytest.raises(TimeoutError):
-            listener.accept()
+    port = listener.getsockname()[1]
+    program = f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+    program += "except OSError:\n    unreachable = True\nelse:\n    unreachable = False\n"
+    result = run_tests(program, "assert unreachable\n")
+    assert result.passed, result.output_tail
 
 
 @pytest.mark.parametrize(
