@@ -118,6 +118,13 @@ def test_without_namespaces_the_sandbox_still_runs_and_refuses(monkeypatch: pyte
     assert run_tests("import socket\nsocket.socket()\n", "").status == "killed"
 
 
+def test_a_sandbox_that_cannot_start_is_an_error_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "_isolation", Isolation("none", False, ("/nonexistent/unshare", "--")))
+    result = run_tests(ADD, CHECK_ADD, entry_point="add")
+    assert result.status == "error" and result.exit_code is None
+    assert "could not start" in result.reason and "/nonexistent/unshare" in result.reason
+
+
 def test_output_is_kept_as_a_bounded_tail() -> None:
     result = run_tests("print('hello from the program')\n" + ADD, CHECK_ADD, entry_point="add")
     assert result.passed and "hello from the program" in result.output_tail

@@ -14,13 +14,15 @@ What is enforced, in layers (docs/security.md has the full list and what is not 
 - **Limits** (set by the child on itself, hard = soft): address space `memory_mb`, CPU seconds (the wall-clock
   limit rounded up, plus one), file size FILE_LIMIT_BYTES (its output included), OPEN_FILES descriptors, no core
   dumps, no processes (RLIMIT_NPROC = 0, which the kernel does not apply to root).
+- **Parent death**: the child is SIGKILLed if the caller dies (util-linux `setpriv --pdeathsig`, where present).
 - **Namespaces**, where the kernel allows them (probed once per process; `isolation()` says which): a new
   network namespace, so there is no network at all, not even loopback; inside a new user namespace when
   possible, so that even when the caller is root the program holds no capability outside it.
 - **An audit hook** (PEP 578) installed before the program runs, which ends the process on: creating a process
   (fork, exec, spawn, system, subprocess), signalling another process, any socket, ctypes, raising a limit,
-  subinterpreters, sqlite extensions, writing outside its directory, reading outside its directory and the
-  stdlib (so /etc/passwd is refused). It is what stops a fork bomb when the caller is root.
+  subinterpreters, sqlite extensions, native code from outside the stdlib, writing outside its directory,
+  reading outside its directory and the stdlib (so /etc/passwd is refused). It is what stops a fork bomb when
+  the caller is root.
 
 Statuses: `passed` (the tests ran to the end), `failed` (an assertion or any exception while the tests ran),
 `error` (the program or the tests did not compile or failed while being defined, an entry point or check is
