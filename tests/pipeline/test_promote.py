@@ -154,4 +154,6 @@ def test_bad_references_fail_before_anything_is_measured(store: Store) -> None:
         promote(store, "m:9", "prod", ACC_GATES, instruments=bench.tools())
     with pytest.raises(AifabError, match="invalid alias"):
         promote(store, "m:1", "pr od", ACC_GATES, instruments=bench.tools())
+    with pytest.raises(AifabError, match="the gates have no checks: nothing to decide"):
+        promote(store, "m:1", "prod", GatesSpec(), instruments=bench.tools())
     assert bench.evaluated == [] and alias_history(store, "m") == []

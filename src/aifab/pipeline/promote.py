@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
 
+from aifab.errors import SpecError
 from aifab.evaluate.gates import LOADTEST_METRICS, LOADTEST_TASK, GateVerdict, Key, decide, first_failure, needed
 from aifab.pipeline.contracts import StageError
 from aifab.registry.aliases import holder, record_promotion
@@ -125,6 +126,8 @@ def promote(
     stage raise GateRefused). `prices` (default: factory.yaml's `meter:` defaults) price the load test's $/Mtok.
     Raises NotFound for an unknown model and AliasConflict if the alias moves meanwhile."""
     check_name(alias, "alias")
+    if not gates.checks:
+        raise SpecError("the gates have no checks: nothing to decide (`aifab models alias` moves an alias by hand)")
     candidate = resolve(store, ref)
     name, cand_ref = candidate.name, _ref(candidate)
     current = holder(store, name, alias)
@@ -168,7 +171,8 @@ def _note(name: str, alias: str, ref: str, verdicts: list[GateVerdict], pid: int
     first = first_failure(verdicts)
     more = f" (and {len(failed) - 1} more failing)" if len(failed) > 1 else ""
     if passed:
-        return f"{name}@{alias} -> {ref}: {len(verdicts)} gates passed (promotion {pid})"
+        n = len(verdicts)
+        return f"{name}@{alias} -> {ref}: {n} gate{'s' if n > 1 else ''} passed (promotion {pid})"
     assert first is not None
     if moved:
         return f"{name}@{alias} -> {ref} forced past {first.reason}{more} (promotion {pid})"
