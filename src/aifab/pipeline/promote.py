@@ -20,8 +20,9 @@ The measuring functions are `Instruments`; tests may pass their own, the default
 import hashlib
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
@@ -74,7 +75,7 @@ class Instruments:
 
     plan: Callable[[Store, str, EvaluationsGate, set[str]], EvalPlan]  # (store, ref, evaluations, tasks)
     evaluate: Callable[..., Any]  # evaluate_model(store, ref, *, suites, task_files, limit, progress)
-    results: Callable[[Store, int], dict[Key, Result]]  # latest_results(store, model_version_id)
+    results: Callable[[Store, int], Mapping[Key, Result]]  # latest_results(store, model_version_id)
     load_test: Callable[..., "LoadTestResult"]  # serve.loadtest.load_test(store, ref, *, requests, ...)
 
     @classmethod
@@ -211,7 +212,7 @@ def _metrics(
 ) -> dict[Key, float]:
     plan = tools.plan(store, _ref(mv), evals, {task for task, _ in keys})
 
-    def current(results: dict[Key, Result]) -> dict[Key, float]:
+    def current(results: Mapping[Key, Result]) -> dict[Key, float]:
         fresh = {}
         for key in keys:
             r = results.get(key)
@@ -224,26 +225,30 @@ def _metrics(
     suites = sorted({plan.suites[t] for t in missing if t in plan.suites})
     files = sorted({plan.files[t] for t in missing if t in plan.files})
     if suites or files:
-        tools.evaluate(store, _ref(mv), suites=suites, task_files=files, limit=evals.limit, progress=progress)
+        paths = [Path(f) for f in files]
+        tools.evaluate(store, _ref(mv), suites=suites, task_files=paths, limit=evals.limit, progress=progress)
         values = current(tools.results(store, mv.id))
     return values
 
 
 def plan_evaluations(store: Store, ref: str, evals: EvaluationsGate, tasks: set[str]) -> EvalPlan:
-    """The real EvalPlan: the built-in suites (those named, or else every suite holding a checked task) and the
-    task files, with each task's current digest for model `ref`."""
-    from pathlib import Path
+    """The real EvalPlan for model `ref`: the built-in suites (those named, or else every suite holding one of
+    `tasks`) and the task files, each task with the digest its results get at `evals.limit` (harness.plan_tasks
+    builds and renders them without loading the model; the heldout suite draws from the model's own dataset)."""
+    from aifab.evaluate.harness import plan_tasks, result_digest
+    from aifab.evaluate.suites import SUITES
 
-    from aifab.evaluate.suites import SUITES, suite_tasks
-    from aifab.evaluate.tasks import load_task
-
-    names = evals.suites or [s for s in SUITES if set(suite_tasks(s)) & tasks]
-    suites = {t: s for s in names for t in suite_tasks(s)}
-    files, digests = {}, {}
-    for path in evals.tasks:
-        task = load_task(Path(path), store)
-        files[task.spec.name] = path
-        digests[task.spec.name] = task.digest
+    names = list(evals.suites) or [s for s, held in SUITES.items() if set(held) & tasks]
+    if not names and not evals.tasks:
+        return EvalPlan()
+    suites, files, digests = {}, {}, {}
+    for task, _, limit in plan_tasks(store, resolve(store, ref), names, [Path(p) for p in evals.tasks], evals.limit):
+        name = task.spec.name
+        digests[name] = result_digest(task, limit)
+        if task.suite is not None:
+            suites[name] = task.suite
+        else:
+            files[name] = task.source
     return EvalPlan(suites, files, digests)
 
 
