@@ -31,13 +31,16 @@ def promote_command(
     from aifab.meter.ledger import Prices
 
     report = promote(open_store(), model, alias, spec.gates, force=force, prices=Prices(**spec.meter.model_dump()))
+    refused = report.promotion_id is not None and not report.moved
     if report.verdicts:
-        out.print(verdict_table([v.to_json() for v in report.verdicts], f"{report.model} for @{alias}"))
-    out.print(report.note)
+        name = report.model.partition(":")[0]
+        out.print(verdict_table([v.to_json() for v in report.verdicts], f"{report.model} for {name}@{alias}"))
+    if not refused:
+        out.print(report.note)
     if as_json:
         print(json.dumps(report.to_json()))
-    if report.promotion_id is not None and not report.moved:
-        raise GateRefused(report)
+    if refused:
+        raise GateRefused(report)  # its one line, the note, goes to stderr with the non-zero exit
 
 
 def verdict_table(verdicts: list[dict[str, object]], title: str) -> Listing:
