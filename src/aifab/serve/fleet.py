@@ -166,8 +166,14 @@ class Fleet:
         self._lock = threading.RLock()
         self._poll_lock = threading.Lock()  # one switch at a time
         self._routes = {r.role: r for r in routes}
-        self._versions = {e.loaded.id: Served(e) for e in engines}
-        missing = {r.version for r in self._routes.values()} - set(self._versions)
+        needed = {r.version for r in self._routes.values()}
+        self._versions = {}
+        for e in engines:
+            if e.loaded.id in needed:
+                self._versions[e.loaded.id] = Served(e)
+            else:  # built for a version the routes no longer name (an alias moved meanwhile)
+                e.close()
+        missing = needed - set(self._versions)
         if PRIMARY not in self._routes or missing:
             raise ServeError(f"a fleet needs a primary route and an engine for each version (missing {missing})")
         self.store, self.load, self.canary_percent = store, load, canary_percent
@@ -296,15 +302,12 @@ class Fleet:
             return [s.engine for s in self._versions.values()]
 
     def describe(self) -> str:
-        """What is served, for messages: `'demo:3' (demo@prod), 'demo:4' (demo@candidate, 10%)`."""
+        """What is served, for messages: `demo:3 (demo@prod), demo:4 (demo@candidate, 10%)`."""
         with self._lock:
             parts = []
             for r in self._routes.values():
-                if r.ref == r.version:
-                    parts.append(repr(r.version))
-                    continue
                 share = f", {self.canary_percent:g}%" if r.role == CANARY else ""
-                parts.append(f"{r.version!r} ({r.ref}{share})")
+                parts.append(r.version if r.ref == r.version and not share else f"{r.version} ({r.ref}{share})")
             return ", ".join(parts)
 
     # --- following aliases ----------------------------------------------------------------------------------
