@@ -102,7 +102,9 @@ class Served:
 class Lease:
     """One request's hold on the version picked for it: `with fleet.pick(model) as lease:` read
     `lease.loaded` (tokenizer, context), then `lease.submit(request)` once. The hold passes to the request when
-    submitted (released at its `Done`); else it ends with the block."""
+    submitted (released at its `Done`), so a stream may outlive the block; else it ends with the block.
+    Requests put straight on `lease.engine` (several prompts of one HTTP request) are covered only while the
+    block lasts: the block must not end before their `Done`s."""
 
     def __init__(self, fleet: "Fleet", served: Served) -> None:
         self._fleet, self._served, self._held = fleet, served, True
