@@ -6,8 +6,10 @@ The store holds `tiny:1` (the trained tiny model, `tiny@prod`), `tiny:2` (random
 `tiny@candidate`) and `tiny:3` (weights that do not load); greedy text tells 1 and 2 apart, and each answer is
 checked against its version's single-sequence reference."""
 
+import gc
 import re
 import threading
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -73,10 +75,10 @@ def greedy_text(lm: LoadedModel, prompt: str) -> str:
 class Harness:
     """A fleet over the test store, its app on a free port, and what it logged."""
 
-    def __init__(self, store: Store, primary: str, **kw: Any) -> None:
+    def __init__(self, store: Store, primary: str, max_batch: int = 8, **kw: Any) -> None:
         self.families, self.lines = MetricFamilies(), list[str]()
         self.deployment = new_deployment_id()  # this harness's ledger rows (the store is the module's)
-        settings = EngineSettings(max_queue=256, max_batch=8, deployment=self.deployment)
+        settings = EngineSettings(max_queue=256, max_batch=max_batch, deployment=self.deployment)
         self.loads: list[str] = []
         self.answered: list[str] = []  # the version of each answer, as they come
 
@@ -187,6 +189,41 @@ def test_the_watcher_switches_under_free_running_load(store: Store, references: 
             answers = load.result(WAIT_S * 4)
         counts = check_answers(answers, references)
         assert sum(counts.values()) == 200 and counts["tiny:1"] >= 50 and counts["tiny:2"] > 0
+        wait_until(old.stopped.is_set, "tiny:1 to stop")
+
+
+def test_a_replaced_version_is_freed(store: Store) -> None:
+    """Once stopped, nothing holds the old version's model: its memory goes back."""
+    with Harness(store, "tiny@prod") as h:
+        h.ask("tiny@prod")
+        [old] = h.fleet.engines()
+        stopped, model = old.stopped, weakref.ref(old.loaded.model)
+        del old
+        set_alias(store, "tiny:2", "prod")
+        h.fleet.poll()
+        assert stopped.wait(WAIT_S)
+        wait_until(lambda: gc.collect() >= 0 and model() is None, "tiny:1's model to be freed")
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_version_captures_its_graphs_while_the_old_one_serves(store: Store) -> None:
+    """On CUDA each engine captures its decode graphs as it is built, so the new version captures while the old
+    one runs steps on its own thread: 400 requests across the switch, none fails. (Token equality with the
+    reference is the CPU tests' business: bf16 batched and single-sequence logits may differ in a near-tie.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with Harness(store, "tiny@prod", max_batch=64) as h:
+        [old] = h.fleet.engines()
+        assert old.loaded.device.type == "cuda" and old.graphs is not None
+        h.fleet.watch(0.01)
+        with ThreadPoolExecutor(1) as pool:
+            load = pool.submit(h.many, "tiny@prod", 400, 0, 32)
+            wait_until(lambda: len(h.answered) >= 50, "the first 50 answers")
+            set_alias(store, "tiny:2", "prod")
+            answers = load.result(WAIT_S * 4)
+        assert len(answers) == 400 and {v for _, v, _ in answers} == {"tiny:1", "tiny:2"}
         wait_until(old.stopped.is_set, "tiny:1 to stop")
 
 
