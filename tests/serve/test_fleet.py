@@ -267,6 +267,17 @@ def test_an_alias_that_comes_back_reuses_the_engine_still_serving(store: Store) 
         assert [lm.id for lm in h.fleet.served()] == ["tiny:2"]
 
 
+def test_the_canary_alias_is_followed_too(store: Store) -> None:
+    with Harness(store, "tiny@prod", canary="tiny@candidate", canary_percent=50) as h:
+        [_, canary] = h.fleet.engines()
+        set_alias(store, "tiny:1", "candidate")
+        h.fleet.poll()
+        assert h.fleet.route(CANARY).version == "tiny:1"  # type: ignore[union-attr]
+        assert canary.stopped.wait(WAIT_S)  # tiny:2 served nothing any more
+        assert {h.ask("tiny")["model"] for _ in range(4)} == {"tiny:1"}
+        assert h.lines[-1] == "tiny:2 finished its requests and stopped"
+
+
 # --- the canary ---------------------------------------------------------------------------------------------------
 
 

@@ -46,9 +46,10 @@ def home(trained: tuple[Store, str], tmp_path_factory: pytest.TempPathFactory) -
         (["tiny@prod", "--follow-interval", "soon"], ["--follow-interval must be a number", "'soon'"]),
         (["tiny@prod", "--executor", "ray"], ["--executor ray does not follow aliases", "--no-follow"]),
         (["tiny:1", "--executor", "ray", "--canary", "tiny@candidate"], ["--canary needs --executor local"]),
+        (["tiny:1", "--canary", "tiny@broken"], ["tiny:3 cannot be loaded", "safetensors"]),
     ],
 )
-def test_bad_canary_and_follow_options_are_refused_before_loading(
+def test_bad_canary_and_follow_options_are_refused_in_one_line(
     home: Path, args: list[str], fragments: list[str]
 ) -> None:
     from aifab.cli import app

@@ -124,20 +124,23 @@ def serve_local(
         resolve(store, canary)
     sock = bind(host, port)  # an occupied port fails here, before the engine starts
     families = MetricFamilies()  # every version's series in one /metrics, labelled with the version
-    # the first engine runs on this thread, the one that loaded its model: CPU decode is several times faster
-    # there (see Engine); uvicorn runs on a thread of its own
-    first = build_engine(store, f"{mv.name}:{mv.version}", settings, families)
 
     def load(version: str) -> Engine:
         return start_engine(lambda: build_engine(store, version, settings, families))
 
+    first: Engine | None = None
     try:
+        # the first engine runs on this thread, the one that loaded its model: CPU decode is several times
+        # faster there (see Engine); uvicorn runs on a thread of its own
+        first = build_engine(store, f"{mv.name}:{mv.version}", settings, families)
         fleet = Fleet.open(
             store, load, model, canary=canary, canary_percent=percent if canary else 0.0, follow=follow,
             engines=[first], metrics=families, log=lambda line: err.print(line, markup=False, highlight=False),
         )  # fmt: skip
     except BaseException:
-        first.close()
+        if first is not None:
+            first.close()
+        sock.close()
         raise
     signal.signal(signal.SIGTERM, lambda *_: fleet.close())
     with BackgroundServer(create_app(fleet, api_key=key), sock=sock) as srv:

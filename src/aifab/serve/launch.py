@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aifab.errors import ServeError
 from aifab.serve.engine import Engine
 from aifab.serve.metrics import MetricFamilies, ServeMetrics
 from aifab.store import Store
@@ -31,11 +32,14 @@ def build_engine(store: Store, ref: str, settings: EngineSettings, families: Met
     """Load `ref` on this thread and make its engine, not started: the caller runs `engine.run()` on this same
     thread. Each request's energy goes to the ledger, charged to this version (its own meter) and stamped with
     `settings.deployment`; its metrics report to `families` (own ones when None), labelled with the version.
-    Raises what loading raises (NotFound, a corrupt artifact, ServeError)."""
+    Raises what loading raises (NotFound, a corrupt artifact, ServeError for weights that do not load)."""
     from aifab.serve.loaded import LoadedModel
     from aifab.serve.metering import ledger_meter
 
-    loaded = LoadedModel.load(store, ref)
+    try:
+        loaded = LoadedModel.load(store, ref)
+    except ValueError as e:  # weights that are not a model's (their digest checked out): the user can act on it
+        raise ServeError(f"{ref} cannot be loaded: {e}") from None
     meter = ledger_meter(store.db, loaded.version_id, deployment=settings.deployment)
     return Engine(
         loaded, max_queue=settings.max_queue, max_batch=settings.max_batch, start=False, compile=settings.compile,
