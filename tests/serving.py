@@ -1,9 +1,14 @@
-"""Helpers for the serving tests: request bodies for the tiny model, SSE parsing, OpenAI error checks."""
+"""Helpers for the serving tests: request bodies for the tiny model, SSE parsing, OpenAI error checks, slowed
+engine steps."""
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
+
+if TYPE_CHECKING:
+    from aifab.serve.engine import Engine
 
 WAIT_S = 30  # an upper bound for waits that normally take milliseconds; never a timing assertion
 MODEL = "tiny:1"
@@ -77,3 +82,22 @@ def two_versions(trained: Any, home: Any) -> Any:
             params_count=mv.params_count, metrics={}, aliases=(alias,),
         )  # fmt: skip
     return store
+
+
+def slowed(engine: "Engine", monkeypatch: pytest.MonkeyPatch, step_s: float = 0.05) -> list[str]:
+    """Make every engine step take at least `step_s`, so a stream lasts long enough to walk away from;
+    returns the finish reasons of the requests the engine ends, as it ends them."""
+    execute, finish = engine._execute, engine._finish
+    reasons: list[str] = []
+
+    def slow(step: Any) -> Any:
+        time.sleep(step_s)
+        return execute(step)
+
+    def record(seq: Any, reason: str, error: str | None = None) -> None:
+        reasons.append(reason)
+        finish(seq, reason, error)
+
+    monkeypatch.setattr(engine, "_execute", slow)
+    monkeypatch.setattr(engine, "_finish", record)
+    return reasons

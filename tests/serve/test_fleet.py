@@ -341,6 +341,11 @@ def test_a_request_may_pin_a_served_version(store: Store, references: dict[str, 
             assert {h.ask(vid, p)["choices"][0]["text"] == references[vid][p] for p in PROMPTS} == {True}
             assert {h.ask(vid, p)["model"] for p in PROMPTS} == {vid}
             assert h.ask(vid, path="/v1/chat/completions")["model"] == vid
+            batch = {"model": vid, "prompt": PROMPTS[:2], "max_tokens": MAX_TOKENS, "temperature": 0}
+            data = h.client.post("/v1/completions", json=batch).json()  # one version answers a whole batch
+            assert data["model"] == vid and [c["text"] for c in data["choices"]] == [
+                references[vid][p] for p in PROMPTS[:2]
+            ]
         assert {h.ask("tiny@candidate")["model"] for _ in range(4)} == {"tiny:2"}  # the canary's own ref
         assert {h.ask("tiny")["model"] for _ in range(4)} == {"tiny:1", "tiny:2"}  # the bare name: the split
         r = h.client.post("/v1/completions", json={"model": "tiny:3", "prompt": "def"})

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aifab.nn.generate import ContextError, check_fits
+from aifab.serve.api.completions import complete_many, encode_prompts
 from aifab.serve.api.responses import (
     ChatFormat,
     CompletionFormat,
@@ -150,10 +151,16 @@ def create_app(
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Response:
+        # the lease covers a batch's requests, put straight on the engine, while this block lasts (see Lease)
         with fleet.pick(body.model) as lease:
             lm, engine = lease.loaded, lease.engine
+            prompts = encode_prompts(body, lm)
+            if isinstance(prompts, JSONResponse):
+                return prompts
+            if len(prompts) > 1 or body.echo:  # a batch, or an echo: answered whole (see api.completions)
+                return await complete_many(engine, body, prompts, request_timeout_s)
             fmt = CompletionFormat(lm, engine.meter.estimated)
-            return await _generate(lease, body, lm.encode(body.text()), "prompt", fmt)
+            return await _generate(lease, body, prompts[0], "prompt", fmt)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> Response:
