@@ -236,6 +236,7 @@ class Engine:
             self.cache.fast_single = False
             self._warm_up()
         self._stop = threading.Event()
+        self.stopped = threading.Event()  # set when the loop has ended (after `close()`) and the meter is flushed
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self.run, name="aifab-engine", daemon=True)
@@ -268,6 +269,9 @@ class Engine:
             raise QueueFull(f"the queue is full ({self.queue.maxsize} requests waiting)") from None
 
     def close(self) -> None:
+        """End the loop at its next step: the requests running get `Done("cancelled")`, queued ones nothing
+        (`serve.fleet` closes an engine only once every request it took is done). Joins the engine's thread
+        when the engine started it (`start=True`); else returns at once."""
         self._stop.set()
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)  # wake an idle worker
@@ -277,7 +281,13 @@ class Engine:
     # --- the worker thread -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """The engine loop, on the calling thread, until `close()`."""
+        """The engine loop, on the calling thread, until `close()`; sets `stopped` when it ends."""
+        try:
+            self._loop()
+        finally:
+            self.stopped.set()
+
+    def _loop(self) -> None:
         flushed = time.monotonic()
         while not self._stop.is_set():
             self._take_new()
