@@ -7,11 +7,25 @@ import sys
 
 import typer
 
-from aifab.cli import data, demo, hf, jobs, ledger, plan, run, serve, store_views, train
+from aifab.cli import data, demo, eval, hf, jobs, ledger, plan, run, serve, store_views, train
 from aifab.cli.common import app
 from aifab.errors import AifabError
 
-__all__ = ["app", "data", "demo", "hf", "jobs", "ledger", "main", "plan", "run", "serve", "store_views", "train"]
+__all__ = [
+    "app",
+    "data",
+    "demo",
+    "eval",
+    "hf",
+    "jobs",
+    "ledger",
+    "main",
+    "plan",
+    "run",
+    "serve",
+    "store_views",
+    "train",
+]
 
 
 def main() -> None:

@@ -1,0 +1,106 @@
+"""The built-in evaluation suites: shipped with aifab, offline, the same on every machine (docs/evaluate.md
+gives their provenance).
+
+- `heldout`: `heldout-bpb` (bits per byte on held-out documents) and `heldout-next-line` (4-way multiple
+  choice: which line comes next), both cut from the validation split of a registered dataset version, by
+  default the one the model was trained on (suites/heldout.py).
+- `python-code`: complete a function body from its signature and docstring (the problems in
+  python_code.jsonl), scored by exact match with the reference body and by pass@1 in the sandbox.
+
+`SUITES` names each suite's tasks; `build_suite` makes their Task objects. Each task has a default example
+limit (`DEFAULT_LIMITS`), sized so a demo model is scored in well under a minute on 2 CPU cores.
+"""
+
+import hashlib
+from pathlib import Path
+
+from aifab.errors import AifabError
+from aifab.evaluate.heldout import HeldOut
+from aifab.evaluate.tasks import CodeSpec, DatasetSpec, GenerationSpec, Task, TaskSpec, builtin_task
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "heldout": ("heldout-bpb", "heldout-next-line"),
+    "python-code": ("python-code",),
+}
+DEFAULT_SUITES = ("heldout", "python-code")
+DEFAULT_LIMITS: dict[str, int | None] = {"heldout-bpb": 48, "heldout-next-line": 200, "python-code": None}
+PYTHON_CODE = Path(__file__).parent / "python_code.jsonl"
+# where a generated function body ends: the next top-level statement (HumanEval's stop strings)
+CODE_UNTIL = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@"]
+
+
+def suite_tasks(name: str) -> tuple[str, ...]:
+    """The task names of a built-in suite; an AifabError names an unknown suite and the known ones."""
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise AifabError(f"unknown suite {name!r} (built-in suites: {', '.join(SUITES)})") from None
+
+
+def needs_dataset(name: str) -> bool:
+    """Whether a suite draws its items from a registered dataset version."""
+    return name == "heldout"
+
+
+def build_suite(name: str, held: HeldOut | None = None) -> list[Task]:
+    """The tasks of suite `name`; `heldout` needs the held-out documents of its dataset version."""
+    suite_tasks(name)
+    if name == "heldout":
+        if held is None:
+            raise ValueError("the heldout suite needs held-out documents")
+        return heldout_tasks(held)
+    return [python_code_task()]
+
+
+def heldout_tasks(held: HeldOut) -> list[Task]:
+    from aifab.evaluate.suites.heldout import BUILDER, document_rows, next_line_rows
+
+    data = f"{held.curated_digest} val_fraction={held.val_fraction} {BUILDER}"
+    dataset = DatasetSpec(registered=held.dataset)
+    docs, dropped_docs = document_rows(held)
+    items, dropped_items = next_line_rows(held)
+    bpb = TaskSpec(
+        name="heldout-bpb", output_type="loglikelihood_rolling", dataset=dataset, input="{{ text }}",
+        metrics=["bits_per_byte", "perplexity"],
+    )  # fmt: skip
+    next_line = TaskSpec(
+        name="heldout-next-line", output_type="multiple_choice", dataset=dataset, input="{{ context }}",
+        choices="{{ choices }}", gold="{{ gold }}", target_delimiter="\n", metrics=["acc", "acc_norm"],
+    )  # fmt: skip
+    out = []
+    for spec, rows, dropped, what in (
+        (bpb, docs, dropped_docs + held.leaked, "held-out documents"),
+        (next_line, items, dropped_items, "next-line items"),
+    ):
+        if not rows:
+            raise AifabError(f"dataset {held.dataset} has too few held-out documents for {spec.name}")
+        task = builtin_task(spec, rows, "heldout", data)
+        task.dataset_version_id = held.dataset_version_id
+        if dropped:
+            task.notes.append(f"{dropped} {what} of {held.dataset} occur in its training split: left out")
+        out.append(task)
+    return out
+
+
+def python_code_task(path: Path | None = None) -> Task:
+    """The python-code task on the problems file (default: the one shipped with aifab)."""
+    from aifab.evaluate.rows import read_rows
+
+    path = path or PYTHON_CODE
+    try:
+        rows, digest = read_rows(path)
+    except ValueError as e:
+        raise AifabError(f"the python-code suite cannot read its problems: {e}") from None
+    for n, row in enumerate(rows, 1):
+        missing = [
+            k for k in ("task_id", "prompt", "canonical", "test", "entry_point") if not isinstance(row.get(k), str)
+        ]
+        if missing:
+            raise AifabError(f"{path} line {n}: problem lacks {', '.join(missing)}")
+    spec = TaskSpec(
+        name="python-code", output_type="generate_until", dataset=DatasetSpec(path=path.name), input="{{ prompt }}",
+        target="{{ canonical }}", target_delimiter="", metrics=["exact_match", "pass@k"],
+        generation=GenerationSpec(until=CODE_UNTIL, max_tokens=128),
+        code=CodeSpec(tests="{{ test }}", entry_point="{{ entry_point }}", k=1, samples=1, timeout_s=5.0),
+    )  # fmt: skip
+    return builtin_task(spec, rows, "python-code", hashlib.sha256(f"{digest}".encode()).hexdigest())
