@@ -36,6 +36,8 @@ class TrainText:
         return cls(SEPARATOR.join(texts), lines)
 
     def contains(self, passage: str) -> bool:
+        if SEPARATOR in passage:  # it could match across two documents of the joined text: look in each
+            return any(passage in text for text in self.joined.split(SEPARATOR))
         parts = passage.split("\n")
         complete = parts[1:-1]
         if complete and any(hash(line) not in self.lines for line in complete):

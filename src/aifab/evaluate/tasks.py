@@ -153,7 +153,7 @@ def problems(spec: TaskSpec) -> tuple[tuple[str | int, ...], str] | None:
         if spec.code.samples < k:
             return ("code", "samples"), f"pass@{k} needs at least {k} samples per problem"
         if spec.code.samples > 1 and spec.generation.temperature == 0:
-            return ("generation", "temperature"), "several samples per problem need temperature > 0"
+            return ("code", "samples"), "several samples per problem need generation.temperature > 0"
     if kind == "loglikelihood_rolling" and spec.fewshot:
         return ("fewshot",), "a loglikelihood_rolling task scores whole documents: no few-shot"
     return None
@@ -207,7 +207,9 @@ def load_task(path: str | Path, store: Store | None = None) -> Task:
     found = problems(spec)
     if found is not None:
         loc, msg = found
-        raise TaskError(f"{path}:{line_of(doc.root, loc)}: {'.'.join(map(str, loc))}: {msg}")
+        # a key that is not there is a problem of the output type that needs it: point at that line
+        line = line_of(doc.root, loc if loc[0] in doc.data else ("output_type",))
+        raise TaskError(f"{path}:{line}: {'.'.join(map(str, loc))}: {msg}")
     definition = hashlib.sha256(path.read_bytes()).hexdigest()
     task = _with_rows(spec, doc, path, store, definition)
     if len(task.rows) <= spec.fewshot:
@@ -272,14 +274,15 @@ def render_examples(task: Task, limit: int | None) -> list[Example]:
         try:
             out.append(_example(spec, rows, i))
         except _KeyFailure as e:
-            raise TaskError(f"{task.where(*e.loc)}: row {i + 1}: {e.problem}") from None
+            row = i if e.row is None else e.row
+            raise TaskError(f"{task.where(*e.loc)}: row {row + 1}: {e.problem}") from None
     return out
 
 
 class _KeyFailure(Exception):
-    def __init__(self, loc: tuple[str, ...], problem: str) -> None:
+    def __init__(self, loc: tuple[str, ...], problem: str, row: int | None = None) -> None:
         super().__init__(problem)
-        self.loc, self.problem = loc, problem
+        self.loc, self.problem, self.row = loc, problem, row  # row: a few-shot row, when it is the one at fault
 
 
 def _render(loc: tuple[str, ...], source: str, row: dict[str, Any]) -> str:
@@ -310,14 +313,19 @@ def _answer(spec: TaskSpec, row: dict[str, Any]) -> tuple[str | None, tuple[str,
 def _example(spec: TaskSpec, rows: list[dict[str, Any]], i: int) -> Example:
     row = rows[i]
     target, choices, gold = _answer(spec, row)
+    own = _render(("input",), spec.input, row)  # before the few-shot rows: a fault of this row is named as its own
     parts = []
     if spec.fewshot:
         others = [j for j in range(len(rows)) if j != i]
         for j in random.Random(spec.fewshot_seed + i).sample(others, spec.fewshot):
-            shot_target, shot_choices, shot_gold = _answer(spec, rows[j])
+            try:
+                shot_target, shot_choices, shot_gold = _answer(spec, rows[j])
+                shot = _render(("input",), spec.input, rows[j])
+            except _KeyFailure as e:
+                raise _KeyFailure(e.loc, e.problem, j) from None
             answer = shot_choices[shot_gold] if shot_gold is not None else shot_target or ""
-            parts.append(_render(("input",), spec.input, rows[j]) + spec.target_delimiter + answer)
-    parts.append(_render(("input",), spec.input, row))
+            parts.append(shot + spec.target_delimiter + answer)
+    parts.append(own)
     context = spec.description + spec.fewshot_delimiter.join(parts)
     tests = None
     if spec.code is not None:
