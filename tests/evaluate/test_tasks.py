@@ -152,8 +152,7 @@ def test_combinations_the_schema_alone_cannot_refuse(tmp_path: Path) -> None:
         gen + "metrics: [exact_match, pass@k]\n": ":6: metrics: pass@k runs tests: add a `code:` section",
         gen + "metrics: [pass@5]\ncode: {tests: x, samples: 2, temperature: 1}\n": "code.temperature: unknown key",
         gen + "metrics: [pass@5]\ncode: {tests: x, samples: 2}\n": ":7: code.samples: pass@5 needs at least 5",
-        gen
-        + "metrics: [pass@2]\ncode: {tests: x, samples: 2}\n": ":7: code.samples: several samples per problem need generation.temperature",
+        gen + "metrics: [pass@2]\ncode: {tests: x, samples: 2}\n": ":7: code.samples: several samples per problem",
         gen.replace("generate_until", "loglikelihood") + "code: {tests: x}\n": ":6: code: only a generate_until",
         gen + "code: {tests: x, entry_point: '{{ a }} b'}\n": ":6: code.entry_point: row 1: entry point 'two b'",
         gen.replace("generate_until", "loglikelihood_rolling") + "fewshot: 1\n": ":6: fewshot: a loglikelihood_rolling",
