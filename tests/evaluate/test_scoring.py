@@ -104,6 +104,28 @@ def test_batched_scores_equal_the_one_at_a_time_loop(seed: int) -> None:
         assert b.logprob == pytest.approx(n.logprob, abs=1e-5) and b.greedy == n.greedy and b.tokens == n.tokens
 
 
+@pytest.mark.parametrize("longest", [1, 6])
+def test_spans_sharing_a_context_score_as_they_would_alone(longest: int) -> None:
+    """Choices of one question share its context: one pass over it, then all continuations (or, when every
+    continuation is one token, none)."""
+    import random
+
+    model = random_model(context_len=32, seed=7)
+    rng = random.Random(longest)
+    spans = []
+    for _ in range(12):
+        context = tuple(rng.randrange(1, 50) for _ in range(rng.randint(1, 24)))
+        for _ in range(rng.randint(2, 4)):
+            n = rng.randint(1, longest)
+            spans.append(Span(context + tuple(rng.randrange(1, 50) for _ in range(n)), n))
+    spans.append(Span((1, 2, 3), 1))  # a context of its own
+    rng.shuffle(spans)
+    batched = score_spans(model, spans, max_batch_tokens=300)
+    for b, s in zip(batched, spans, strict=True):
+        n = score_one(model, s)
+        assert b.logprob == pytest.approx(n.logprob, abs=1e-5) and b.greedy == n.greedy and b.tokens == n.tokens
+
+
 def test_every_output_type_scores_the_same_batched_and_naive() -> None:
     lm = lm_of(random_model(context_len=24, seed=3))
     words = ["alpha beta", "gamma", "delta epsilon zeta", "eta theta", "iota kappa lambda mu nu xi omicron pi"]
