@@ -136,3 +136,22 @@ def test_the_trained_models_items_are_not_in_the_tokens_it_trained_on(trained: t
         assert task.rows
         for text in item_texts(task):
             assert not any(text in doc for doc in docs), text
+
+
+def test_the_items_are_built_once_per_dataset_version(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aifab.evaluate.suites import build_suite
+    from aifab.evaluate.suites import heldout as builder
+
+    ds = curated_dataset(store, corpus(40, seed=3), val_fraction=0.3)
+    first = build_suite("heldout", store, ds)
+    index = next((store.home / "work" / "evaluate").glob("heldout-*"))
+
+    def no_build(*a: object) -> None:
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(builder, "held_out", no_build)
+    again = build_suite("heldout", store, ds)
+    assert [t.rows for t in again] == [t.rows for t in first] and [t.digest for t in again] == [t.digest for t in first]
+    store.artifacts.path(index.read_text()).write_text("tampered")  # a corrupt entry is rebuilt, never read
+    monkeypatch.undo()
+    assert [t.rows for t in build_suite("heldout", store, ds)] == [t.rows for t in first]

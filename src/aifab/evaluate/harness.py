@@ -69,8 +69,7 @@ def plan_tasks(
     tasks = [load_task(path, store) for path in task_files]
     built: list[Task] = []
     for name in dict.fromkeys(suites):
-        held = _held_out(store, mv, dataset) if needs_dataset(name) else None
-        built += build_suite(name, held)
+        built += build_suite(name, store, _dataset(store, mv, dataset)) if needs_dataset(name) else build_suite(name)
     out = []
     for task in [*built, *tasks]:
         n = limit if limit is not None else DEFAULT_LIMITS.get(task.spec.name) if task.suite else None
@@ -78,8 +77,7 @@ def plan_tasks(
     return out
 
 
-def _held_out(store: Store, mv: ModelVersion, dataset: str | None) -> Any:
-    from aifab.evaluate.heldout import held_out
+def _dataset(store: Store, mv: ModelVersion, dataset: str | None) -> DatasetVersion:
     from aifab.store.datasets import resolve_dataset
 
     ds = resolve_dataset(store.db, dataset) if dataset is not None else training_dataset(store, mv)
@@ -88,7 +86,7 @@ def _held_out(store: Store, mv: ModelVersion, dataset: str | None) -> Any:
             f"{mv.name}:{mv.version} has no training dataset in its lineage: name one with --dataset NAME[:VERSION] "
             "for the heldout suite"
         )
-    return held_out(store, ds)
+    return ds
 
 
 def evaluate_model(
@@ -110,10 +108,10 @@ def evaluate_model(
     from aifab.evaluate.lm import EvalModel
     from aifab.registry.models import resolve
 
+    t0 = time.perf_counter()
     mv = resolve(store, ref)
     plan = plan_tasks(store, mv, suites, task_files, limit, dataset)
     meter = meter or _default_meter(store)
-    t0 = time.perf_counter()
     lm = EvalModel.load(store, mv, device)
     run_id = _start_run(store, mv, plan, limit)
     results: list[MetricResult] = []

@@ -13,10 +13,16 @@ limit (`DEFAULT_LIMITS`), sized so a demo model is scored in well under a minute
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aifab.errors import AifabError
 from aifab.evaluate.heldout import HeldOut
 from aifab.evaluate.tasks import CodeSpec, DatasetSpec, GenerationSpec, Task, TaskSpec, builtin_task
+from aifab.store import Store
+from aifab.store.schema import DatasetVersion
+
+if TYPE_CHECKING:
+    from aifab.evaluate.suites.heldout import Items
 
 SUITES: dict[str, tuple[str, ...]] = {
     "heldout": ("heldout-bpb", "heldout-next-line"),
@@ -42,23 +48,30 @@ def needs_dataset(name: str) -> bool:
     return name == "heldout"
 
 
-def build_suite(name: str, held: HeldOut | None = None) -> list[Task]:
-    """The tasks of suite `name`; `heldout` needs the held-out documents of its dataset version."""
+def build_suite(name: str, store: Store | None = None, dataset: DatasetVersion | None = None) -> list[Task]:
+    """The tasks of suite `name`; `heldout` needs the store and the dataset version its items come from."""
     suite_tasks(name)
     if name == "heldout":
-        if held is None:
-            raise ValueError("the heldout suite needs held-out documents")
-        return heldout_tasks(held)
+        if store is None or dataset is None:
+            raise ValueError("the heldout suite needs a store and a dataset version")
+        from aifab.evaluate.suites.heldout import cached_items
+
+        return tasks_of(cached_items(store, dataset))
     return [python_code_task()]
 
 
 def heldout_tasks(held: HeldOut) -> list[Task]:
-    from aifab.evaluate.suites.heldout import BUILDER, document_rows, next_line_rows
+    """The heldout suite's tasks, built from held-out documents now (build_suite reuses earlier builds)."""
+    from aifab.evaluate.suites.heldout import items_of
 
-    data = f"{held.curated_digest} val_fraction={held.val_fraction} {BUILDER}"
-    dataset = DatasetSpec(registered=held.dataset)
-    docs, dropped_docs = document_rows(held)
-    items, dropped_items = next_line_rows(held)
+    return tasks_of(items_of(held))
+
+
+def tasks_of(items: "Items") -> list[Task]:
+    from aifab.evaluate.suites.heldout import BUILDER
+
+    data = f"{items.curated_digest} val_fraction={items.val_fraction} {BUILDER}"
+    dataset = DatasetSpec(registered=items.dataset)
     bpb = TaskSpec(
         name="heldout-bpb", output_type="loglikelihood_rolling", dataset=dataset, input="{{ text }}",
         metrics=["bits_per_byte", "perplexity"],
@@ -69,15 +82,15 @@ def heldout_tasks(held: HeldOut) -> list[Task]:
     )  # fmt: skip
     out = []
     for spec, rows, dropped, what in (
-        (bpb, docs, dropped_docs + held.leaked, "held-out documents"),
-        (next_line, items, dropped_items, "next-line items"),
+        (bpb, items.docs, items.dropped_docs, "held-out documents"),
+        (next_line, items.items, items.dropped_items, "next-line items"),
     ):
         if not rows:
-            raise AifabError(f"dataset {held.dataset} has too few held-out documents for {spec.name}")
-        task = builtin_task(spec, rows, "heldout", data)
-        task.dataset_version_id = held.dataset_version_id
+            raise AifabError(f"dataset {items.dataset} has too few held-out documents for {spec.name}")
+        task = builtin_task(spec, list(rows), "heldout", data)
+        task.dataset_version_id = items.dataset_version_id
         if dropped:
-            task.notes.append(f"{dropped} {what} of {held.dataset} occur in its training split: left out")
+            task.notes.append(f"{dropped} {what} of {items.dataset} occur in its training split: left out")
         out.append(task)
     return out
 

@@ -15,9 +15,17 @@ below (BUILDER), so the items are the same wherever they are built.
 """
 
 import bisect
+import hashlib
+import json
+import os
 import random
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from aifab.evaluate.heldout import HeldOut
+from aifab.errors import ArtifactError
+from aifab.evaluate.heldout import HeldOut, held_out
+from aifab.store import Store
+from aifab.store.schema import DatasetVersion
 
 SEED = 14
 DOC_CHARS = 3000
@@ -110,3 +118,47 @@ def _distractors(pool: list[tuple[int, str, int]], gold: str, doc: int, rng: ran
             seen.add(line.strip())
             near.append(line)
     return rng.sample(near, DISTRACTORS) if len(near) >= DISTRACTORS else near
+
+
+@dataclass(frozen=True)
+class Items:
+    """Both tasks' rows for one dataset version, and how many candidates were left out as seen in training."""
+
+    dataset: str  # name:version
+    dataset_version_id: int
+    curated_digest: str
+    val_fraction: float
+    docs: list[dict[str, str]]
+    dropped_docs: int  # held-out documents (or their starts) found in a training document
+    items: list[dict[str, Any]]
+    dropped_items: int
+
+
+def items_of(held: HeldOut) -> Items:
+    docs, dropped_docs = document_rows(held)
+    items, dropped_items = next_line_rows(held)
+    return Items(
+        held.dataset, held.dataset_version_id, held.curated_digest, held.val_fraction, docs,
+        dropped_docs + held.leaked, items, dropped_items,
+    )  # fmt: skip
+
+
+def cached_items(store: Store, ds: DatasetVersion) -> Items:
+    """The items of a dataset version, built once: reading the corpus and checking every item against the train
+    documents takes seconds. The items are stored as an artifact (read back verified) under a key of the curated
+    file, the split and BUILDER; a missing or unreadable entry is rebuilt."""
+    val_fraction = float((ds.params or {}).get("val_fraction", 0.05))
+    key = hashlib.sha256(f"{ds.curated_digest} {val_fraction} {BUILDER}".encode()).hexdigest()
+    index = store.work_dir("evaluate") / f"heldout-{key}"
+    try:
+        body = json.loads(store.artifacts.get_bytes(index.read_text().strip()))
+        body.update(dataset=f"{ds.name}:{ds.version}", dataset_version_id=ds.id)  # the same text may be renamed
+        return Items(**body)
+    except (OSError, ValueError, TypeError, ArtifactError):  # absent, corrupt or stale: build it again
+        pass
+    items = items_of(held_out(store, ds))
+    digest = store.artifacts.put_bytes(json.dumps(asdict(items)).encode())
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(digest)
+    os.replace(tmp, index)
+    return items
