@@ -24,7 +24,8 @@ for part in $parts; do
   case $part in
     tests)
       timeout ${TESTS_TIMEOUT_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-        tests/serve/test_batching.py tests/meter/test_gpu_accuracy.py tests/meter/test_samplers.py \
+        tests/serve/test_batching.py tests/serve/test_fleet.py tests/meter/test_gpu_accuracy.py \
+        tests/meter/test_samplers.py \
         2>&1 | tee "$OUT/tests.log"
       ;;
     serve)

@@ -75,6 +75,17 @@ def aifab(*args: str, home: Path, cwd: Path | None = None, timeout: float = 300)
     )
 
 
+def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """The command failed with exit code 2 and one `error:` line, its last, holding every fragment."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr  # progress may precede it, nothing follows
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
 def until(
     check: Callable[[], object], what: str, *, tick: Callable[[], None] | None = None, timeout_s: float = 60.0
 ) -> None:

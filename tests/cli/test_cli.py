@@ -3,23 +3,12 @@
 import json
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from aifab.store import Store
-from helpers import aifab
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr  # progress may precede it, nothing follows
-    for fragment in fragments:
-        assert fragment in errors[0]
+from helpers import aifab, one_line_error
 
 
 def test_init_writes_a_valid_spec_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -15,32 +15,12 @@ from typing import Any
 import pytest
 import torch
 
-from aifab.nn.config import ModelConfig
 from aifab.nn.generate import generate
 from aifab.nn.sampling import SamplingParams
-from aifab.nn.transformer import Transformer
 from aifab.serve.engine import Delta, Done, Engine, Event, Request, Scheduler, Sequence
 from aifab.serve.loaded import LoadedModel
-from aifab.store import Store
 
 WAIT_S = 60  # an upper bound for waits that normally take milliseconds; never a timing assertion
-CONTEXT = 128
-
-
-@pytest.fixture(scope="module")
-def lm(trained: tuple[Store, str]) -> LoadedModel:
-    """A random 2-layer GQA model with a 128-token context over the tiny tokenizer: long prompts fit, and
-    random weights spread the logits so the comparison is about the engine, not about near-ties."""
-    store, ref = trained
-    tiny = LoadedModel.load(store, ref)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tiny.model.config.vocab_size, n_layer=2, n_head=4, n_kv_heads=2, d_model=64)
-    config = ModelConfig.from_dict({**config.to_dict(), "context_len": CONTEXT})
-    model = Transformer(config).eval()
-    return LoadedModel(
-        "rand:1", frozenset({"rand:1"}), model, tiny.tokenizer, tiny.eot_id, CONTEXT, 0,
-        stop_ids=tiny.stop_ids, prefix_ids=tiny.prefix_ids,
-    )  # fmt: skip
 
 
 def prompts(lm: LoadedModel, n: int) -> list[list[int]]:
@@ -326,7 +306,7 @@ def test_replayed_graphs_give_the_eager_logits(lm: LoadedModel) -> None:
 
     gl = on_cuda(lm)
     model, dev = gl.model, gl.device
-    cache = SlotCache(model.config, 8, CONTEXT, dev, torch.float32)
+    cache = SlotCache(model.config, 8, gl.context_len, dev, torch.float32)
     graphs = DecodeGraphs(model, cache, capture=True)
     assert graphs.capture and len(graphs.graphs) == len(graphs.row_sizes) * len(graphs.key_sizes)
     eager = DecodeGraphs(model, cache, capture=False)  # same cache, same static-shape code, not captured

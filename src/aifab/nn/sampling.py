@@ -65,3 +65,15 @@ def logprobs_of(logits: Tensor, token: int, n_top: int) -> TokenLogprob:
         values, ids = torch.topk(lp, min(n_top, lp.numel()))
         top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
     return TokenLogprob(token, float(lp[token]), top)
+
+
+def score_tokens(logits: Tensor, tokens: list[int], n_top: int) -> list[TokenLogprob]:
+    """`logprobs_of` for many positions in one pass: logits (K, V), `tokens` the K tokens to score (the token
+    that followed each position), each with its top `n_top` alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (K, V)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    top: list[tuple[tuple[int, float], ...]] = [()] * len(tokens)
+    if n_top > 0:
+        values, ids = torch.topk(lp, min(n_top, lp.size(-1)))
+        top = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, c, k) for t, c, k in zip(tokens, chosen, top, strict=True)]

@@ -15,6 +15,11 @@ Each engine step is schedule -> execute -> update:
 - update: sample each due token with its request's own parameters, stream its text, and finish the
   requests that hit EOS, a stop string, max_tokens or a cancel, freeing their slots for the next step.
 
+A request that asks to score its prompt (`Request.prompt_logprobs`, for `echo` in the API) also gets logits at
+its prompt chunks' positions; their log-probabilities go out in one `Delta` before its first token. Other
+requests' steps compute exactly what they did without it. With `max_tokens` 0 such a request ends ("length")
+once its prompt is scored, generating nothing.
+
 Around each execute, the meter (`serve.metering`) charges the step's energy to its requests by their tokens
 in it; a finished request's `Done` carries its energy and cost.
 """
@@ -29,7 +34,7 @@ from typing import Any
 
 from aifab.errors import ServeError
 from aifab.nn.generate import ContextError, check_fits
-from aifab.nn.sampling import SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
+from aifab.nn.sampling import SamplingParams, TokenLogprob, logprobs_of, make_generator, sample, score_tokens
 from aifab.serve.loaded import LoadedModel
 from aifab.serve.metering import ServeMeter
 from aifab.serve.metrics import ServeMetrics
@@ -45,6 +50,9 @@ class QueueFull(Exception):
 class Delta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens generated since the last delta, when requested
+    # the prompt's tokens after its first, each scored given those before it (prompt_logprobs requests only;
+    # one delta carries them all, before any generated token)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class Done:
     error: str | None = None
     energy_j: float = 0.0  # this request's share of the steps it took part in (serve.metering)
     cost_usd: float = 0.0
+    ttft_s: float | None = None  # arrival to first generated token, as the engine saw it (None: no token)
+    tpot_s: float | None = None  # mean time per output token after the first (None: fewer than 2 tokens)
 
 
 Event = Delta | Done
@@ -66,6 +76,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_logprobs: int | None = None  # score the prompt, with this many alternatives per token (None: don't)
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -119,6 +130,9 @@ class Sequence:
     device_s: float = 0.0
     last_token_at: float = 0.0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_start: int = 0  # index in `ids` of the prompt's first token (after the model's prefix)
+    # the prompt's scores so far, while a prompt_logprobs request is prefilling; None once sent (or not asked)
+    prompt_scores: list[TokenLogprob] | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -222,6 +236,7 @@ class Engine:
             self.cache.fast_single = False
             self._warm_up()
         self._stop = threading.Event()
+        self.stopped = threading.Event()  # set when the loop has ended (after `close()`) and the meter is flushed
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self.run, name="aifab-engine", daemon=True)
@@ -254,6 +269,9 @@ class Engine:
             raise QueueFull(f"the queue is full ({self.queue.maxsize} requests waiting)") from None
 
     def close(self) -> None:
+        """End the loop at its next step: the requests running get `Done("cancelled")`, queued ones nothing
+        (`serve.fleet` closes an engine only once every request it took is done). Joins the engine's thread
+        when the engine started it (`start=True`); else returns at once."""
         self._stop.set()
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)  # wake an idle worker
@@ -263,7 +281,13 @@ class Engine:
     # --- the worker thread -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """The engine loop, on the calling thread, until `close()`."""
+        """The engine loop, on the calling thread, until `close()`; sets `stopped` when it ends."""
+        try:
+            self._loop()
+        finally:
+            self.stopped.set()
+
+    def _loop(self) -> None:
         flushed = time.monotonic()
         while not self._stop.is_set():
             self._take_new()
@@ -330,8 +354,17 @@ class Engine:
             self.metrics.finished(reason)
             return
         generator = make_generator(req.params, lm.device)
+        scores: list[TokenLogprob] | None = None if req.prompt_logprobs is None else []
         self.scheduler.admit(
-            lambda slot: Sequence(req, slot, ids, TextAssembler(lm.tokenizer, req.params.stop), generator)
+            lambda slot: Sequence(
+                req,
+                slot,
+                ids,
+                TextAssembler(lm.tokenizer, req.params.stop),
+                generator,
+                prompt_start=len(lm.prefix_ids),
+                prompt_scores=scores,
+            )
         )
 
     def _reap_and_schedule(self) -> Step | None:
@@ -349,8 +382,15 @@ class Engine:
         decode = [(s.slot, s.cached) for s in step.decode]
         tokens += [s.ids[s.cached] for s in step.decode]
         chunks, due, at = [], list(step.decode), list(range(len(step.decode)))
+        spans: list[tuple[list[TokenLogprob], list[int], int]] = []  # (scores to extend, tokens scored, n_top)
+        scored_at: list[int] = []
         for seq, start, n in step.chunks:
             chunks.append(Chunk(seq.slot, start, n, len(tokens)))
+            if seq.prompt_scores is not None:  # position i's logits score token i + 1: the prompt's after its first
+                lo, hi = max(start, seq.prompt_start), min(start + n, len(seq.ids) - 1)
+                if hi > lo:
+                    spans.append((seq.prompt_scores, seq.ids[lo + 1 : hi + 1], seq.req.prompt_logprobs or 0))
+                    scored_at += range(len(tokens) + lo - start, len(tokens) + hi - start)
             tokens += seq.ids[start : start + n]
             if start + n == len(seq.ids):  # the prompt is all cached: its last position gives the first token
                 due.append(seq)
@@ -364,7 +404,7 @@ class Engine:
                 layout = StepLayout(decode, chunks, self.max_batch, dev)
                 self.cache.layout = layout
                 idx = torch.tensor([tokens], device=dev)
-                logits_at = torch.tensor(at, device=dev) if due else None
+                logits_at = torch.tensor(at + scored_at, device=dev) if due or spans else None
                 fwd = self._decode_fwd if not step.chunks else self.loaded.model
                 logits, _ = fwd(idx, cache=self.cache, positions=layout.positions, logits_at=logits_at)
                 self.cache.layout = None
@@ -374,7 +414,11 @@ class Engine:
             seq.cached += n
         self.metrics.steps.inc()
         self.metrics.prompt_tokens.inc(sum(n for _, _, n in step.chunks))
-        return list(zip(due, logits[0].float(), strict=True)) if due else []
+        row = len(due)  # the scored positions' logits follow the due ones
+        for scores, targets, n_top in spans:
+            scores += score_tokens(logits[0, row : row + len(targets)], targets, n_top)
+            row += len(targets)
+        return list(zip(due, logits[0, : len(due)].float(), strict=True)) if due else []
 
     def _update(self, step: Step, sampled: list[tuple[Sequence, Any]]) -> None:
         lm, now = self.loaded, time.monotonic()
@@ -385,12 +429,22 @@ class Engine:
             argmax = dict(zip(greedy, rows.argmax(-1).tolist(), strict=True))
         for i, (seq, row) in enumerate(sampled):
             params = seq.req.params
+            if seq.prompt_scores is not None:  # the prompt is all scored: its scores go out before any token
+                self._emit(seq.req, Delta("", prompt_logprobs=tuple(seq.prompt_scores)))
+                seq.prompt_scores = None
+            if params.max_tokens == 0:  # only the prompt's scores were asked for
+                self._finish(seq, "length")
+                continue
             token = argmax[i] if i in argmax else sample(row, params, seq.generator)
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.metrics.ttft.observe(now - seq.req.arrival)
             seq.last_token_at = now
             if token in lm.stop_ids and not params.ignore_eos:
+                if seq.req.prompt_logprobs is not None and params.logprobs is not None:
+                    # a scored prompt's reader expects the generated token's entry last, and slices it off
+                    # (lm-evaluation-harness sends max_tokens 1): the EOS is that token here
+                    seq.pending_logprobs.append(logprobs_of(row, token, params.logprobs))
                 self._finish(seq, "stop")
                 continue
             seq.ids.append(token)
@@ -413,15 +467,18 @@ class Engine:
             tail = seq.asm.finish()
             if tail or seq.pending_logprobs:
                 self._emit(seq.req, Delta(tail, tuple(seq.pending_logprobs)))
+        ttft_s = None if seq.first_token_at is None else seq.first_token_at - seq.req.arrival
+        tpot_s = None
         if seq.generated > 1 and seq.first_token_at is not None:
-            self.metrics.tpot.observe((seq.last_token_at - seq.first_token_at) / (seq.generated - 1))
+            tpot_s = (seq.last_token_at - seq.first_token_at) / (seq.generated - 1)
+            self.metrics.tpot.observe(tpot_s)
         self.metrics.finished(reason)
         if self.meter.open_steps:  # its last steps' energy is not read yet: read it, so the bill is whole
             self._credit(self.meter.settle())
         bill = self.meter.charge(
             seq.energy_j, len(seq.req.prompt_ids), seq.generated, time.monotonic() - seq.req.arrival, seq.device_s
         )
-        done = Done(reason, len(seq.req.prompt_ids), seq.generated, error, bill.energy_j, bill.cost_usd)
+        done = Done(reason, len(seq.req.prompt_ids), seq.generated, error, bill.energy_j, bill.cost_usd, ttft_s, tpot_s)
         self._emit(seq.req, done)
 
     @staticmethod

@@ -81,7 +81,10 @@ class DecodeGraphs:
                             self._forward(R, L)
                     torch.cuda.current_stream().wait_stream(side)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    # thread-local: only this thread is barred from unsafe CUDA calls while it captures. In the
+                    # default (global) mode another engine of the process (the version an alias switch replaces,
+                    # still serving on its own thread) would fail its steps' syncs and allocations meanwhile
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                         out = self._forward(R, L)
                     self.graphs[(R, L)] = (graph, out)
         torch.cuda.synchronize()

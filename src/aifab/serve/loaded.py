@@ -74,5 +74,12 @@ class LoadedModel:
         return ids
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids a request may send are below this: the model embeds them and the tokenizer can write them
+        (a model's embedding may have padding rows past the tokenizer's last token)."""
+        size: int = min(self.model.config.vocab_size, self.tokenizer.get_vocab_size(with_added_tokens=True))
+        return size
+
+    @property
     def device(self) -> Any:
         return next(self.model.parameters()).device

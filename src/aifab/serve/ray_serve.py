@@ -15,7 +15,6 @@ nothing else, so both engines behave alike.
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -30,32 +29,14 @@ class EngineReplica:
     def __init__(
         self, home: str, ref: str, max_batch: int, max_queue: int, api_key: str | None, deployment: str | None = None
     ) -> None:
-        from aifab.serve.engine import Engine
-        from aifab.serve.loaded import LoadedModel
-        from aifab.serve.metering import ledger_meter
+        from aifab.serve.launch import EngineSettings, build_engine, start_engine
         from aifab.store import Store
 
-        # the model is loaded on the engine's own thread, the only one that runs torch (see Engine on why)
-        ready, box = threading.Event(), dict[str, Any]()
-
-        def engine_thread() -> None:
-            try:
-                store = Store(home)  # stays open: the meter writes each request's charge to the ledger
-                loaded = LoadedModel.load(store, ref)
-                meter = ledger_meter(store.db, loaded.version_id, deployment=deployment)  # shared by all replicas
-                box["engine"] = Engine(loaded, max_queue, max_batch, start=False, meter=meter)
-            except BaseException as e:  # the replica's constructor re-raises it, so Ray Serve reports it
-                box["error"] = e
-                return
-            finally:
-                ready.set()
-            box["engine"].run()
-
-        threading.Thread(target=engine_thread, name="aifab-engine", daemon=True).start()
-        ready.wait()
-        if "error" in box:
-            raise box["error"]
-        self.engine: Engine = box["engine"]
+        settings = EngineSettings(max_queue, max_batch, deployment=deployment)  # one deployment: all replicas
+        # the store stays open: the meter writes each request's charge to the ledger. The model is loaded on
+        # the engine's own thread, the only one that runs torch (see Engine on why); a failure to load is
+        # raised here, so Ray Serve reports it
+        self.engine = start_engine(lambda: build_engine(Store(home), ref, settings))
         self.api_key = api_key
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls this once the replica is constructed

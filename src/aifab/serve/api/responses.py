@@ -5,6 +5,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import NotRequired, TypedDict
 
 from aifab.nn.sampling import TokenLogprob
@@ -25,9 +26,13 @@ class Usage(TypedDict):
 
 
 class CompletionLogprobs(TypedDict):
+    """OpenAI's legacy logprobs. With echo, the prompt's tokens come first and the first of them has null in
+    both lists, as OpenAI sends it (the `openai` package's generated types say float there: its client parses
+    the null as sent, but a strict `model_validate` refuses it)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]  # per token: alternative text -> its logprob
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]  # per token: alternative text -> its logprob
     text_offset: list[int]  # where each token's text starts, in characters
 
 
@@ -128,14 +133,29 @@ class ModelList(TypedDict):
 
 
 def usage(done: Done, estimated: bool) -> Usage:
+    return total_usage([done], estimated)
+
+
+def total_usage(dones: list[Done], estimated: bool) -> Usage:
+    """The usage of several requests answered as one (a batch of prompts): every figure summed."""
+    prompt, completion = sum(d.prompt_tokens for d in dones), sum(d.completion_tokens for d in dones)
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "energy_j": done.energy_j,
-        "cost_usd": done.cost_usd,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "energy_j": sum(d.energy_j for d in dones),
+        "cost_usd": sum(d.cost_usd for d in dones),
         "energy_estimated": estimated,
     }
+
+
+@dataclass(frozen=True)
+class EchoedPrompt:
+    """A prompt to put before its completion: its text as the client sent it (or the decoded token ids), and
+    its tokens."""
+
+    text: str
+    ids: list[int]
 
 
 class ResponseFormat:
@@ -162,49 +182,67 @@ class ResponseFormat:
 
 
 class CompletionFormat(ResponseFormat):
-    def _logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-        tokens = [self.token_text(e.token) for e in entries]
+    def _logprobs(self, entries: list[TokenLogprob], offset: int, unscored: int | None = None) -> CompletionLogprobs:
+        """`entries` in the legacy shape, their text offsets counted from `offset`; `unscored` is a token listed
+        first with null scores (an echoed prompt's first token)."""
+        head: list[None] = [] if unscored is None else [None]
+        tokens = [self.token_text(t) for t in ([] if unscored is None else [unscored])]
+        tokens += [self.token_text(e.token) for e in entries]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
         return {
             "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries],
+            "token_logprobs": [*head, *(e.logprob for e in entries)],
+            "top_logprobs": [*head, *({self.token_text(t): lp for t, lp in e.top} for e in entries)],
             "text_offset": offsets,
         }
 
-    def _body(self, choice: CompletionChoice) -> Completion:
+    def _body(self, choices: list[CompletionChoice]) -> Completion:
         return {
             "id": self.id,
             "created": self.created,
             "model": self.lm.id,
             "object": "text_completion",
-            "choices": [choice],
+            "choices": choices,
         }
 
-    def whole(self, deltas: list[Delta], done: Done, logprobs: bool) -> Completion:
+    def choice(
+        self, deltas: list[Delta], done: Done, logprobs: bool, index: int = 0, echo: EchoedPrompt | None = None
+    ) -> CompletionChoice:
+        """The choice of one request that streamed `deltas` and ended with `done`; with `echo`, its prompt
+        comes first in the text and, scored, in the logprobs."""
+        text = "".join(d.text for d in deltas)
         entries = [e for d in deltas for e in d.logprobs]
-        body = self._body(
-            {
-                "text": "".join(d.text for d in deltas),
-                "index": 0,
-                "logprobs": self._logprobs(entries, 0) if logprobs else None,
-                "finish_reason": done.finish_reason,
-            }
-        )
+        lp = self._logprobs(entries, 0) if logprobs else None
+        if echo is not None:
+            text = echo.text + text
+            scored = [e for d in deltas for e in d.prompt_logprobs]
+            lp = self._logprobs(scored + entries, 0, unscored=echo.ids[0]) if logprobs else None
+        return {"text": text, "index": index, "logprobs": lp, "finish_reason": done.finish_reason}
+
+    def whole(self, deltas: list[Delta], done: Done, logprobs: bool) -> Completion:
+        body = self._body([self.choice(deltas, done, logprobs)])
         body["usage"] = usage(done, self.estimated)
+        return body
+
+    def batch(self, choices: list[CompletionChoice], dones: list[Done]) -> Completion:
+        """One response for several requests (a batch of prompts, or one echoed): their choices and usage."""
+        body = self._body(choices)
+        body["usage"] = total_usage(dones, self.estimated)
         return body
 
     def chunk(self, delta: Delta | None, done: Done | None, first: bool) -> Completion:
         body = self._body(
-            {
-                "text": delta.text if delta else "",
-                "index": 0,
-                "logprobs": self._logprobs(list(delta.logprobs), 0) if delta and delta.logprobs else None,
-                "finish_reason": done.finish_reason if done else None,
-            }
+            [
+                {
+                    "text": delta.text if delta else "",
+                    "index": 0,
+                    "logprobs": self._logprobs(list(delta.logprobs), 0) if delta and delta.logprobs else None,
+                    "finish_reason": done.finish_reason if done else None,
+                }
+            ]
         )
         if done:
             body["usage"] = usage(done, self.estimated)

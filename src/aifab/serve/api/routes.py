@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aifab.nn.generate import ContextError, check_fits
+from aifab.serve.api.completions import complete_many, encode_prompts
 from aifab.serve.api.responses import (
     ChatFormat,
     CompletionFormat,
@@ -32,6 +33,7 @@ from aifab.serve.api.schemas import ChatRequest, CompletionRequest, SamplingFiel
 from aifab.serve.chat import render
 from aifab.serve.engine import Delta, Done, Engine, Event, QueueFull
 from aifab.serve.engine import Request as EngineRequest
+from aifab.serve.fleet import Fleet, Lease, UnknownModel
 from aifab.web import error, require_bearer
 
 MAX_BODY_BYTES = 1 << 20
@@ -82,16 +84,17 @@ class _TooLarge(Exception):
 
 
 def create_app(
-    engine: Engine,
+    served: Engine | Fleet,
     *,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
 ) -> FastAPI:
-    """The app serving `engine`'s model. With `api_key`, every request needs it as a bearer token; a body
-    over `max_body_bytes` is a 413; a request still running after `request_timeout_s` is cancelled (504, or
-    an error chunk when streaming)."""
-    lm = engine.loaded
+    """The app serving one engine's model, or a fleet's versions (`serve.fleet`: each request's `model` picks
+    the version that answers, and the response's `model` names it). With `api_key`, every request needs it as
+    a bearer token; a body over `max_body_bytes` is a 413; a request still running after `request_timeout_s`
+    is cancelled (504, or an error chunk when streaming)."""
+    fleet = served if isinstance(served, Fleet) else Fleet.single(served)
     app = FastAPI(title="aifab", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
 
@@ -111,13 +114,18 @@ def create_app(
             msg = f"the body is not valid JSON ({first.get('ctx', {}).get('error', msg)})"
         return error(400, f"{param}: {msg}" if param else msg, param=param)
 
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(_: Request, exc: UnknownModel) -> JSONResponse:
+        return error(400, f"model: {exc}", "model")
+
     @app.get("/healthz", response_model=None)
     async def healthz() -> Healthz:
+        engines = fleet.engines()  # retiring versions too: their requests are still being served
         return {
             "status": "ok",
-            "model": lm.id,
-            "queued": engine.queue.qsize(),
-            "running": engine.running,
+            "model": fleet.served()[0].id,
+            "queued": sum(e.queue.qsize() for e in engines),
+            "running": sum(e.running for e in engines),
             "replica": f"{socket.gethostname()}:{os.getpid()}",
         }
 
@@ -125,47 +133,54 @@ def create_app(
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(fleet.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=None)
     async def models() -> ModelList:
-        card: ModelCard = {
-            "id": lm.id,
-            "object": "model",
-            "created": lm.created_at,
-            "owned_by": "aifab",
-            "max_model_len": lm.context_len,
-        }
-        return {"object": "list", "data": [card]}
+        cards: list[ModelCard] = [
+            {
+                "id": lm.id,
+                "object": "model",
+                "created": lm.created_at,
+                "owned_by": "aifab",
+                "max_model_len": lm.context_len,
+            }
+            for lm in fleet.served()
+        ]
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Response:
-        if (bad := _check_model(body)) is not None:
-            return bad
-        return await _generate(body, lm.encode(body.text()), "prompt", CompletionFormat(lm, engine.meter.estimated))
+        # the lease covers a batch's requests, put straight on the engine, while this block lasts (see Lease)
+        with fleet.pick(body.model) as lease:
+            lm, engine = lease.loaded, lease.engine
+            prompts = encode_prompts(body, lm)
+            if isinstance(prompts, JSONResponse):
+                return prompts
+            if len(prompts) > 1 or body.echo:  # a batch, or an echo: answered whole (see api.completions)
+                return await complete_many(engine, body, prompts, request_timeout_s)
+            fmt = CompletionFormat(lm, engine.meter.estimated)
+            return await _generate(lease, body, prompts[0], "prompt", fmt)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> Response:
-        if (bad := _check_model(body)) is not None:
-            return bad
-        try:
-            text = render([m.for_template() for m in body.messages], lm.chat_template, lm.special_tokens)
-        except ValueError as e:  # a non-text content part, or the template's own refusal
-            return error(400, f"messages: {e}", "messages")
-        # a template writes the special tokens it wants (its BOS among them): the tokenizer adds none
-        ids: list[int] = lm.tokenizer.encode(text, add_special_tokens=lm.chat_template is None).ids
-        return await _generate(body, ids, "messages", ChatFormat(lm, engine.meter.estimated))
-
-    def _check_model(body: SamplingFields) -> JSONResponse | None:
-        if body.model not in lm.names:
-            return error(400, f"model: unknown model {body.model!r}; this server serves {lm.id!r}", "model")
-        return None
+        with fleet.pick(body.model) as lease:
+            lm, engine = lease.loaded, lease.engine
+            try:
+                text = render([m.for_template() for m in body.messages], lm.chat_template, lm.special_tokens)
+            except ValueError as e:  # a non-text content part, or the template's own refusal
+                return error(400, f"messages: {e}", "messages")
+            # a template writes the special tokens it wants (its BOS among them): the tokenizer adds none
+            ids: list[int] = lm.tokenizer.encode(text, add_special_tokens=lm.chat_template is None).ids
+            return await _generate(lease, body, ids, "messages", ChatFormat(lm, engine.meter.estimated))
 
     async def _generate(
-        body: SamplingFields, prompt_ids: list[int], prompt_field: str, fmt: ResponseFormat
+        lease: Lease, body: SamplingFields, prompt_ids: list[int], prompt_field: str, fmt: ResponseFormat
     ) -> Response:
-        """Check the prompt fits, run the request through the engine, and answer whole or as a stream.
-        `prompt_field` is the request field the prompt came from, which a 400 about its length names."""
+        """Check the prompt fits, run the request through the engine of the version `lease` picked, and answer
+        whole or as a stream. `prompt_field` is the request field the prompt came from, which a 400 about its
+        length names."""
+        lm = lease.loaded
         try:
             check_fits(len(prompt_ids), body.limit(), lm.context_len, prefix_tokens=len(lm.prefix_ids))
         except ContextError as e:
@@ -180,7 +195,7 @@ def create_app(
 
         req = EngineRequest(prompt_ids, params, emit)
         try:
-            engine.submit(req)
+            lease.submit(req)
         except QueueFull as e:
             return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"})
         deadline = loop.time() + request_timeout_s

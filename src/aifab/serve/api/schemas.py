@@ -1,14 +1,19 @@
 """The request bodies the API accepts, as pydantic models. Validation here is the whole of the 400s on fields:
 an unknown field, a value out of range or of the wrong type fails here, and `routes` names the field."""
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from aifab.nn.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's own limit for chat top_logprobs
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+# prompts in one completions request: each becomes an engine request, so a batch is capped below the engine's
+# default queue (64) and a harness's usual batch sizes fit
+MAX_PROMPTS = 32
+
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class SamplingFields(BaseModel):
@@ -44,7 +49,7 @@ class SamplingFields(BaseModel):
 
     def limit(self) -> int:
         """How many tokens to generate at most."""
-        return self.max_tokens or DEFAULT_MAX_TOKENS
+        return DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def limit_field(self) -> str:
         """The field that set `limit()`, which a 400 about the token budget names."""
@@ -69,24 +74,58 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions: one prompt (a string, or a list holding one)."""
+    """POST /v1/completions. `prompt` is a string, a list of token ids, or a batch: a list of strings or of
+    token-id lists, answered with one choice each (`index` in the batch's order; `n` stays 1).
 
-    prompt: str | list[str]
-    echo: Literal[False] = False
+    `echo` puts each prompt before its completion; with `logprobs` as well, the prompt's tokens are scored
+    too (the first has no score: nothing precedes it), which is what loglikelihood-based harnesses read, and
+    `max_tokens` may be 0 to score the prompt alone. Token ids are checked against the model's vocabulary by
+    the route, which knows it; `conflict()` names the combinations of fields that are refused."""
+
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]  # Prompt, strictly
+    max_tokens: int | None = Field(default=None, ge=0)
+    echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt is supported per request")
+    def _prompts(cls, v: Prompt) -> Prompt:
+        if isinstance(v, str):
+            return v
+        if not v:
+            raise ValueError("the list is empty; send a string, token ids, or a list of either")
+        if not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"{len(v)} prompts exceed the limit of {MAX_PROMPTS} per request")
+        empty = next((i for i, p in enumerate(v) if isinstance(p, list) and not p), None)
+        if empty is not None:
+            raise ValueError(f"prompt {empty} is an empty list of token ids")
         return v
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts in order: a string or token ids each."""
+        v = self.prompt
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v[0], int):  # one prompt, as token ids (the validator let no mixed list through)
+            return [v]
+        return list(cast(list[str | list[int]], v))
+
+    def conflict(self) -> tuple[str, str] | None:
+        """The field and the problem, when fields that are each valid are refused together; else None."""
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "0 is allowed only with echo (to score the prompt without generating)"
+        if self.stream and self.echo:
+            return "echo", "echo is not supported with stream; ask without stream"
+        if self.stream and len(self.prompts()) > 1:
+            return "prompt", "a batch of prompts cannot be streamed; send one prompt, or ask without stream"
+        return None
 
     def n_logprobs(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprobs(self) -> int | None:
+        """How many alternatives to report per prompt token, when the prompt is to be scored; else None."""
+        return self.logprobs if self.echo else None
 
 
 class ChatMessage(BaseModel):
