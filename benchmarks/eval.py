@@ -2,8 +2,9 @@
 
 Data: a slice of the Python standard library's source ingested as a real dataset version (`--mb`, default 3 MB,
 its own BPE tokenizer of 4,096 tokens), from which the heldout suite builds its items exactly as `aifab eval`
-does. Model: the tiny preset (3 layers, 128 wide, context 256) with random weights: throughput does not depend
-on the weights. The python-code suite joins when its problems file is there.
+does, with each task's default limit (48 documents, 200 next-line items, the 40 code problems). Model: the tiny
+preset (3 layers, 128 wide, context 256) with random weights: throughput does not depend on the weights (a
+random model never stops a generation early, so every completion runs to its 128 tokens).
 
 Each round scores every task twice: batched (`run_task`: spans packed into padded batches, logits only where
 scored; prompts generated together through one KV cache) and naive (one span per forward pass, one prompt per
@@ -22,7 +23,7 @@ import tempfile
 import time
 from typing import Any
 
-QUICK = {"mb": 3.0, "rounds": 3, "limits": {"heldout-bpb": 24, "heldout-next-line": 100, "python-code": 16}}
+QUICK = {"mb": 3.0, "rounds": 3}
 
 
 def setup(home: str, mb: float) -> tuple[Any, list[tuple[Any, list[Any]]]]:
@@ -33,7 +34,7 @@ def setup(home: str, mb: float) -> tuple[Any, list[tuple[Any, list[Any]]]]:
     from aifab.data.ingest import ingest
     from aifab.evaluate.heldout import held_out
     from aifab.evaluate.lm import EvalModel
-    from aifab.evaluate.suites import PYTHON_CODE, heldout_tasks, python_code_task
+    from aifab.evaluate.suites import DEFAULT_LIMITS, PYTHON_CODE, heldout_tasks, python_code_task
     from aifab.evaluate.tasks import render_examples
     from aifab.nn.config import tiny
     from aifab.nn.transformer import Transformer
@@ -50,8 +51,7 @@ def setup(home: str, mb: float) -> tuple[Any, list[tuple[Any, list[Any]]]]:
     tasks = heldout_tasks(held_out(store, row))
     if PYTHON_CODE.exists():
         tasks.append(python_code_task())
-    limits: dict[str, int] = QUICK["limits"]  # type: ignore[assignment]
-    return lm, [(t, render_examples(t, limits.get(t.spec.name))) for t in tasks]
+    return lm, [(t, render_examples(t, DEFAULT_LIMITS.get(t.spec.name))) for t in tasks]
 
 
 def timed(lm: Any, tasks: list[tuple[Any, list[Any]]], naive: bool) -> tuple[dict[str, float], dict[str, Any]]:

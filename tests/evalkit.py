@@ -1,15 +1,10 @@
 """Helpers for the evaluation tests: a character tokenizer, a model whose every answer is known in advance, a
-registered model and dataset in a store, and a stand-in for the code sandbox and its problems."""
+registered model and dataset in a store, and three code problems whose outcome that model decides."""
 
 import json
-import subprocess
-import sys
 import textwrap
-import time
-import types
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion
@@ -125,36 +120,6 @@ def write_task(directory: Path, body: str, rows: list[dict[str, Any]] | None = N
     path = directory / f"{name}.yaml"
     path.write_text(textwrap.dedent(body).lstrip())
     return path
-
-
-@dataclass(frozen=True)
-class StandInResult:
-    status: Literal["passed", "failed", "timeout", "killed", "error"]
-    elapsed_s: float
-    output_tail: str
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-def stand_in_run_tests(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> StandInResult:
-    """The sandbox's interface without its limits: the program then the tests, in a fresh interpreter."""
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(
-            [sys.executable, "-I", "-c", program + "\n\n" + tests], capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        return StandInResult("timeout", time.perf_counter() - t0, "")
-    status: Literal["passed", "failed"] = "passed" if p.returncode == 0 else "failed"
-    return StandInResult(status, time.perf_counter() - t0, (p.stdout + p.stderr)[-2000:])
-
-
-def stand_in_sandbox() -> types.ModuleType:
-    module = types.ModuleType("aifab.evaluate.sandbox")
-    module.run_tests = stand_in_run_tests  # type: ignore[attr-defined]
-    return module
 
 
 # Three problems in the python-code format: the counting model completes "x = (" with "1)" and then a newline.

@@ -10,7 +10,7 @@ from aifab.errors import AifabError, NotFound
 from aifab.evaluate.harness import evaluate_model
 from aifab.evaluate.lm import EvalModel
 from aifab.evaluate.results import latest_results
-from aifab.evaluate.tasks import TaskError
+from aifab.evaluate.tasks import TaskError, render_examples
 from aifab.store import Store
 from aifab.store.schema import EvalResult, LedgerEntry, LineageEdge, Run
 from evalkit import counting_model, curated_dataset, register_model, write_task
@@ -131,3 +131,16 @@ def test_a_task_that_cannot_run_fails_the_run_and_stores_no_result(store: Store,
         run = s.scalars(select(Run)).one()
         assert run.status == "failed" and "none of its examples fit" in (run.error or "")
         assert s.scalars(select(EvalResult)).first() is None
+
+
+def test_the_shipped_code_problems_pass_with_their_canonical_bodies_only() -> None:
+    from aifab.evaluate.runners import run_code, same_text
+    from aifab.evaluate.suites import python_code_task
+
+    task = python_code_task()
+    assert len(task.rows) == 40 and task.spec.metric_names() == ["exact_match", "pass@1"]
+    examples = render_examples(task, 3)
+    canonical = [[ex.target or ""] for ex in examples]
+    assert run_code(task, examples, canonical) == [1, 1, 1]
+    assert run_code(task, examples, [["    pass\n"]] * 3) == [0, 0, 0]
+    assert all(same_text(ex.target or "", "\n" + (ex.target or "") + "  \n\n") for ex in examples)

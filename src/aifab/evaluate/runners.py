@@ -234,20 +234,24 @@ def _generate(lm: EvalModel, task: Task, examples: list[Example], naive: bool, p
 def run_code(task: Task, examples: list[Example], outs: list[list[str]]) -> list[int]:
     """How many completions of each example pass its tests in the sandbox (a few sandboxes at once: each is a
     subprocess that mostly waits)."""
-    import importlib
-
-    # the sandbox is its own module (a subprocess with limits); imported by name so this file type-checks alone
-    run_tests = importlib.import_module("aifab.evaluate.sandbox").run_tests
+    from aifab.evaluate.sandbox import run_tests
 
     code = task.spec.code
     assert code is not None
-    jobs = [(ex.context + text, ex.tests or "") for ex, texts in zip(examples, outs, strict=True) for text in texts]
+
+    def passed(job: tuple[Example, str]) -> bool:
+        ex, text = job
+        result = run_tests(
+            ex.context + text, ex.tests or "", entry_point=ex.entry_point, timeout_s=code.timeout_s,
+            memory_mb=code.memory_mb,
+        )  # fmt: skip
+        return bool(result.passed)
+
+    jobs = [(ex, text) for ex, texts in zip(examples, outs, strict=True) for text in texts]
     with ThreadPoolExecutor(4) as pool:
-        results = list(
-            pool.map(lambda job: run_tests(job[0], job[1], timeout_s=code.timeout_s, memory_mb=code.memory_mb), jobs)
-        )
+        results = list(pool.map(passed, jobs))
     n = code.samples
-    return [sum(r.passed for r in results[i * n : (i + 1) * n]) for i in range(len(examples))]
+    return [sum(results[i * n : (i + 1) * n]) for i in range(len(examples))]
 
 
 def _pick(task: Task, values: dict[str, M.Value], examples: int, truncated: int, skipped: int) -> TaskScores:

@@ -97,14 +97,15 @@ class GenerationSpec(_Section):
 
 
 class CodeSpec(_Section):
-    """A code task: the completion (input + generated text) is run against `tests` in the sandbox."""
+    """A code task: the completion (input + generated text) is run in the sandbox, then `tests`, whose
+    check(candidate) is called with the program's function `entry_point`."""
 
     tests: Template = Field(description="Test code defining check(candidate), rendered per row.")
     entry_point: Template = Field(default="{{ entry_point }}", description="The function check() is called with.")
     k: int = Field(default=1, ge=1, le=100)
     samples: int = Field(default=1, ge=1, le=200, description="Completions per problem (>= k).")
     timeout_s: float = Field(default=5.0, gt=0, le=120)
-    memory_mb: int = Field(default=512, ge=32, le=16384)
+    memory_mb: int = Field(default=512, ge=64, le=16384)  # the interpreter alone maps about 30 MB
 
 
 class TaskSpec(_Section):
@@ -189,7 +190,8 @@ class Example:
     target: str | None = None  # loglikelihood and generate_until: the reference (without target_delimiter)
     choices: tuple[str, ...] = ()  # multiple_choice
     gold: int | None = None
-    tests: str | None = None  # code: test code and the call of check()
+    tests: str | None = None  # code: test code that defines check(candidate)
+    entry_point: str | None = None  # code: the function check() is given
 
 
 def load_task(path: str | Path, store: Store | None = None) -> Task:
@@ -327,10 +329,10 @@ def _example(spec: TaskSpec, rows: list[dict[str, Any]], i: int) -> Example:
             parts.append(shot + spec.target_delimiter + answer)
     parts.append(own)
     context = spec.description + spec.fewshot_delimiter.join(parts)
-    tests = None
+    tests = entry = None
     if spec.code is not None:
         entry = _render(("code", "entry_point"), spec.code.entry_point, row).strip()
         if not entry.isidentifier():
             raise _KeyFailure(("code", "entry_point"), f"entry point {entry[:60]!r} is not a Python name")
-        tests = _render(("code", "tests"), spec.code.tests, row) + f"\n\ncheck({entry})\n"
-    return Example(i, context, target, choices, gold, tests)
+        tests = _render(("code", "tests"), spec.code.tests, row)
+    return Example(i, context, target, choices, gold, tests, entry)

@@ -12,10 +12,11 @@ limit (`DEFAULT_LIMITS`), sized so a demo model is scored in well under a minute
 """
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aifab.errors import AifabError
+from aifab.errors import AifabError, DataError
 from aifab.evaluate.heldout import HeldOut
 from aifab.evaluate.tasks import CodeSpec, DatasetSpec, GenerationSpec, Task, TaskSpec, builtin_task
 from aifab.store import Store
@@ -96,24 +97,20 @@ def tasks_of(items: "Items") -> list[Task]:
 
 
 def python_code_task(path: Path | None = None) -> Task:
-    """The python-code task on the problems file (default: the one shipped with aifab)."""
-    from aifab.evaluate.rows import read_rows
+    """The python-code task on the problems file (default: the 40 shipped with aifab, suites/README.md)."""
+    from aifab.evaluate.code_problems import load_code_problems
 
     path = path or PYTHON_CODE
     try:
-        rows, digest = read_rows(path)
-    except ValueError as e:
+        problems = load_code_problems(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (DataError, OSError) as e:
         raise AifabError(f"the python-code suite cannot read its problems: {e}") from None
-    for n, row in enumerate(rows, 1):
-        missing = [
-            k for k in ("task_id", "prompt", "canonical", "test", "entry_point") if not isinstance(row.get(k), str)
-        ]
-        if missing:
-            raise AifabError(f"{path} line {n}: problem lacks {', '.join(missing)}")
+    rows = [asdict(p) for p in problems]
     spec = TaskSpec(
         name="python-code", output_type="generate_until", dataset=DatasetSpec(path=path.name), input="{{ prompt }}",
         target="{{ canonical }}", target_delimiter="", metrics=["exact_match", "pass@k"],
         generation=GenerationSpec(until=CODE_UNTIL, max_tokens=128),
         code=CodeSpec(tests="{{ test }}", entry_point="{{ entry_point }}", k=1, samples=1, timeout_s=5.0),
     )  # fmt: skip
-    return builtin_task(spec, rows, "python-code", hashlib.sha256(f"{digest}".encode()).hexdigest())
+    return builtin_task(spec, rows, "python-code", digest)
