@@ -17,7 +17,9 @@ from helpers import aifab as subprocess_aifab
 @pytest.fixture
 def aifab(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> object:
     """`aifab ARGS` in this process: (exit code, stdout, stderr) as a CompletedProcess."""
-    from aifab.cli import main
+    from aifab.cli import common, main
+
+    monkeypatch.setitem(common._state, "home", None)  # put back afterwards: --home sets it for the process
 
     def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         capsys.readouterr()
