@@ -28,8 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "data": BASE | {"spec", "store", "console", "cluster", "tokens", "registry"},
     "train": BASE | {"spec", "store", "console", "cluster", "nn", "meter"},
     "serve": BASE | {"spec", "store", "cluster", "tokens", "nn", "meter", "registry", "web"},
-    # generation lives in nn/, so evaluate needs nothing of serve/; it meters its own energy and reads gates' spec
-    "evaluate": BASE | {"store", "nn", "meter", "registry", "spec", "console", "yamlfile"},
+    # generation lives in nn/, so evaluate needs nothing of serve/; it meters its own energy and reads gates' spec;
+    # tokens: a model's end-of-text token, which starts and ends its texts
+    "evaluate": BASE | {"store", "nn", "meter", "registry", "spec", "console", "yamlfile", "tokens"},
     "jobs": BASE | {"store", "schedule", "cluster", "spec", "web"},  # never pipeline/: jobs know no stages
     "pipeline": BASE
     | {

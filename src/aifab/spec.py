@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,6 +28,7 @@ from aifab.gatespec import GateCheck as GateCheck
 from aifab.gatespec import GatesSpec as GatesSpec
 from aifab.gatespec import LoadTestGate as LoadTestGate
 from aifab.store.names import NAME_RE
+from aifab.yamlfile import YamlDoc, describe, parse_yaml, read_yaml
 
 GLOB_CHARS = frozenset("*?[")
 
@@ -391,71 +391,23 @@ _WITH_SECTIONS.update(
 def load_spec(path: str | Path) -> FactorySpec:
     """Read and validate a factory.yaml. Raises SpecError with `file:line: key: problem`."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot read: {e}") from None
-    return parse_spec(text, path)
+    doc = read_yaml(path, SpecError)
+    return validate_spec(doc, path)
 
 
 def parse_spec(text: str, path: Path) -> FactorySpec:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{path}:{line}: malformed YAML: {problem}") from None
-    if data is None:
-        data = {}
+    """Validate factory.yaml text as if read from `path` (relative paths resolve against its directory)."""
+    return validate_spec(parse_yaml(text, path, SpecError), path)
+
+
+def validate_spec(doc: YamlDoc, path: Path) -> FactorySpec:
+    data = {} if doc.data is None else doc.data
     if not isinstance(data, dict):
         raise SpecError(f"{path}:1: the top level must be a mapping of sections, got {type(data).__name__}")
     try:
         return FactorySpec.model_validate(data, context={"base": path.parent})
     except ValidationError as e:
-        raise SpecError(_describe(e, root, path)) from None
-
-
-def _describe(exc: ValidationError, root: yaml.Node | None, path: Path) -> str:
-    errors = exc.errors()
-    first = errors[0]
-    loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif (
-        first["type"] != "missing"
-        and "input" in first
-        and not isinstance(first["input"], dict | list)
-        and repr(first["input"]) not in msg  # our own validators already quote the value
-    ):
-        msg = f"{msg} (got {first['input']!r})"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{path}:{_line_of(root, loc)}: {key}: {msg}{more}"
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int:
-    """1-based line of the deepest YAML node along `loc` (the parent, when the key itself is missing)."""
-    line = node.start_mark.line + 1 if node is not None else 1
-    for part in loc:
-        child = None
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if key_node.value == str(part):
-                    line = key_node.start_mark.line + 1
-                    child = value_node
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            child = node.value[part]
-            line = child.start_mark.line + 1
-        if child is None:
-            break
-        node = child
-    return line
+        raise SpecError(describe(e, doc.root, path)) from None
 
 
 def example_yaml() -> str:

@@ -15,12 +15,13 @@ from sqlalchemy import select
 
 from aifab.data.ingest import ingest
 from aifab.data.parts import iter_docs
-from aifab.data.tokenize import EOT, is_val
+from aifab.data.tokenize import EOT
 from aifab.errors import DataError
 from aifab.spec import DataSpec
 from aifab.store import Store
 from aifab.store.schema import DatasetVersion
 from aifab.store.shards import Manifest, TokenShards
+from aifab.store.splits import is_val
 from helpers import TINY_TOKENIZER, aifab
 
 WORDS = [f"w{i}" for i in range(3000)]

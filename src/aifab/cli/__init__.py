@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from aifab.cli import data, demo, hf, jobs, ledger, plan, promote, run, serve, store_views, train
+from aifab.cli import data, demo, eval, hf, jobs, ledger, plan, promote, run, serve, store_views, train
 from aifab.cli.common import app
 from aifab.errors import AifabError
 
@@ -15,6 +15,7 @@ __all__ = [
     "app",
     "data",
     "demo",
+    "eval",
     "hf",
     "jobs",
     "ledger",

@@ -176,17 +176,9 @@ def export(
 
 
 def resolve_dataset(store: Store, ref: str) -> DatasetVersion:
-    name, _, version = ref.partition(":")
-    check_name(name, "dataset name")
-    if version and not (version.isascii() and version.isdigit()):
-        raise AifabError(f"invalid dataset version in {ref!r}: expected a positive integer after ':'")
-    with store.db.session() as s:
-        q = select(DatasetVersion).where(DatasetVersion.name == name)
-        q = q.where(DatasetVersion.version == int(version)) if version else q
-        row = s.scalars(q.order_by(DatasetVersion.version.desc()).limit(1)).first()
-    if row is None:
-        raise NotFound(f"unknown dataset {ref!r} (see `aifab datasets`)")
-    return row
+    from aifab.store.datasets import resolve_dataset as resolve
+
+    return resolve(store.db, ref)
 
 
 def stage_table(stages: dict[str, Any]) -> Listing:

@@ -30,7 +30,7 @@ from aifab.data.curate import Deduplicator, StageCount
 from aifab.data.executors import curate_files
 from aifab.data.parts import DocWriter, PartCache, iter_batches
 from aifab.data.sources import SourceOptions, file_sha256, list_files, stdlib_source
-from aifab.data.tokenize import ShardWriter, encode_to_shards, split_of, train_tokenizer
+from aifab.data.tokenize import ShardWriter, encode_to_shards, train_tokenizer
 from aifab.errors import DataError
 from aifab.spec import DataSpec, TokenizerSpec
 from aifab.store import Store
@@ -38,6 +38,7 @@ from aifab.store.lineage import link
 from aifab.store.names import check_name
 from aifab.store.schema import DatasetVersion
 from aifab.store.shards import Manifest, dtype_for
+from aifab.store.splits import flipped_index, split_of
 from aifab.tokens import end_of_text_id
 
 # documents per encode call: enough to keep every core busy, few enough that the Encoding objects of one batch
@@ -148,8 +149,7 @@ def ingest(
         )
     if documents < 2:
         raise DataError("the corpus has a single document; a train/val split needs at least two")
-    # both splits must exist: a tiny corpus whose documents all hash to one side gives up its last document
-    flip = documents - 1 if val_docs in (0, documents) else -1
+    flip = flipped_index(documents, val_docs)  # both splits must exist
 
     def splits(i: int, text: str) -> str:
         split = split_of(text, data.val_fraction)

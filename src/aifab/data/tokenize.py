@@ -1,6 +1,5 @@
 """Tokenizer training (byte-level BPE, Hugging Face `tokenizers`) and shard writing."""
 
-import hashlib
 import itertools
 import os
 from collections.abc import Callable, Iterable
@@ -33,13 +32,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
     )
     tok.train_from_iterator(texts, trainer)
     return tok
-
-
-def is_val(text: str, val_fraction: float) -> bool:
-    """Deterministic split by document content: the same text lands in the same split wherever it lives,
-    and exact duplicates never straddle train and val."""
-    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-    return h / 2**64 < val_fraction
 
 
 class ShardWriter:
@@ -82,10 +74,6 @@ class ShardWriter:
             self._file.close()
             Path(self._path).unlink(missing_ok=True)
         return self.shards
-
-
-def split_of(text: str, val_fraction: float) -> str:
-    return "val" if is_val(text, val_fraction) else "train"
 
 
 def encode_to_shards(

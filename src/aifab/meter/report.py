@@ -113,6 +113,7 @@ class ServingEnergy:
     tokens_out: int
     entries: int
     estimated: bool
+    cost_usd: float = 0.0
 
     @property
     def j_per_token(self) -> float | None:
@@ -121,23 +122,33 @@ class ServingEnergy:
             return None
         return self.energy_j / self.tokens_out
 
+    @property
+    def usd_per_mtok(self) -> float | None:
+        """Dollars per million output tokens (electricity and capex, as the rows charged); None without tokens."""
+        if not self.entries or self.tokens_out <= 0:
+            return None
+        return self.cost_usd / self.tokens_out * 1e6
+
 
 def serving_energy(db: Database, model_version_id: int) -> ServingEnergy:
     """The summed `serve` rows charged to one model version (all zero when there are none)."""
     with db.session() as s:
-        energy_j, tokens_out, entries, estimated = s.execute(
+        energy_j, tokens_out, entries, estimated, cost_usd = s.execute(
             select(
                 func.sum(LedgerEntry.energy_j),
                 func.sum(LedgerEntry.tokens_out),
                 func.count(LedgerEntry.id),
                 func.max(case((LedgerEntry.estimated, 1), else_=0)),  # portable "any": PostgreSQL has no max(bool)
+                func.sum(LedgerEntry.cost_usd),
             ).where(
                 LedgerEntry.stage.in_(REQUEST_STAGES),
                 LedgerEntry.subject_kind == "model",
                 LedgerEntry.subject_id == str(model_version_id),
             )
         ).one()
-    return ServingEnergy(float(energy_j or 0), int(tokens_out or 0), int(entries), bool(estimated))
+    return ServingEnergy(
+        float(energy_j or 0), int(tokens_out or 0), int(entries), bool(estimated), float(cost_usd or 0)
+    )
 
 
 @dataclass(frozen=True)
