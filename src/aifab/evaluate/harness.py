@@ -123,7 +123,7 @@ def evaluate_model(
                 e0 = meter.sampler.energy_j()
                 scores = _run(lm, task, examples, bars)
                 energy_j = meter.sampler.energy_j() - e0
-                digest = _digest(task, n)
+                digest = result_digest(task, n)
                 for metric, v in scores.values.items():
                     results.append(
                         MetricResult(
@@ -150,8 +150,9 @@ def _run(lm: Any, task: Task, examples: list[Example], bars: Any) -> "TaskScores
         raise AifabError(str(e)) from None
 
 
-def _digest(task: Task, limit: int | None) -> str:
-    """The task's digest with the example limit: the same task on fewer examples is a different measurement."""
+def result_digest(task: Task, limit: int | None) -> str:
+    """The `task_digest` of a task's results at an example limit: the task's digest with the limit, since the same
+    task on fewer examples is a different measurement. promote reads it to tell a current result from a stale one."""
     import hashlib
 
     return task.digest if limit is None else hashlib.sha256(f"{task.digest}\nlimit={limit}".encode()).hexdigest()
