@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from aifab.errors import AifabError, NotFound
 from aifab.meter.report import model_footprint, serving_energy
@@ -30,7 +30,18 @@ def copied(trained: tuple[Store, str], tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def result(copied: tuple[Store, str]) -> LoadTestResult:
+def serving_before(copied: tuple[Store, str]) -> tuple[int, float, int]:
+    """The copy's serving rows, serving energy and last ledger id before the load test: other tests of this
+    worker may have served or evaluated the shared model already, so the copy need not start empty."""
+    store, ref = copied
+    mv = resolve(store, ref)
+    with store.db.session() as s:
+        last_id = s.scalar(select(func.max(LedgerEntry.id))) or 0
+    return serving_energy(store.db, mv.id).entries, model_footprint(store.db, mv.id).serving.energy_j, last_id
+
+
+@pytest.fixture(scope="module")
+def result(copied: tuple[Store, str], serving_before: tuple[int, float, int]) -> LoadTestResult:
     store, ref = copied
     return load_test(store, ref, **SMALL)
 
@@ -52,11 +63,15 @@ def test_the_figures_are_positive_and_add_up(result: LoadTestResult) -> None:
     assert r.sampler and isinstance(r.estimated, bool)
 
 
-def test_the_ledger_row_is_an_evaluate_charge_to_the_model(copied: tuple[Store, str], result: LoadTestResult) -> None:
+def test_the_ledger_row_is_an_evaluate_charge_to_the_model(
+    copied: tuple[Store, str], result: LoadTestResult, serving_before: tuple[int, float, int]
+) -> None:
     store, ref = copied
     mv = resolve(store, ref)
     with store.db.session() as s:
-        rows = s.scalars(select(LedgerEntry).where(LedgerEntry.stage == "evaluate")).all()
+        rows = s.scalars(
+            select(LedgerEntry).where(LedgerEntry.stage == "evaluate", LedgerEntry.id > serving_before[2])
+        ).all()
         [row] = rows
         assert (row.subject_kind, row.subject_id) == ("model", str(mv.id))
         assert (row.tokens_in, row.tokens_out) == (result.tokens_in, result.tokens_out)
@@ -64,8 +79,10 @@ def test_the_ledger_row_is_an_evaluate_charge_to_the_model(copied: tuple[Store, 
         assert row.energy_j >= result.energy_j + result.idle_j > 0
         assert row.cost_usd >= result.cost_usd and row.elapsed_s >= result.elapsed_s
         assert row.sampler == result.sampler and row.estimated == result.estimated
-    assert serving_energy(store.db, mv.id).entries == 0  # not serving: the serving J/token does not see it
-    assert model_footprint(store.db, mv.id).serving.energy_j == 0
+    # not serving: the serving J/token and footprint do not see it
+    entries_before, serving_j_before, _ = serving_before
+    assert serving_energy(store.db, mv.id).entries == entries_before
+    assert model_footprint(store.db, mv.id).serving.energy_j == serving_j_before
 
 
 class Counter:
